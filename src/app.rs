@@ -1,0 +1,226 @@
+//! `Application`: every part of a running process, built from a [`Config`] and a [`Mode`].
+//!
+//! `build` binds the ports (port 0 works, and `address()` tells the real one) and connects
+//! what must be there at start; `run_until_stopped` serves until the given future ends,
+//! then shuts down in order: stop accepting, answer every waiting request (202 when its
+//! entry is queued but unfinished), let workers finish or abandon their batch, exit.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::engine::EnginePublisher;
+use crate::http::auth::Authenticator;
+use crate::http::listener::{self, ConnectionLimits, Site};
+use crate::http::routes::{ApiState, Readiness};
+use crate::queue::{self, ingress, outcome};
+use crate::store::SqliteStore;
+use crate::telemetry;
+use crate::worker::retry::RetryPolicy;
+use crate::worker::runner::PoolSettings;
+use crate::worker::{WorkerContext, WorkerPool};
+
+/// Which parts run in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Listener and workers together (the default).
+    Serve,
+    /// The HTTP listener only.
+    Listen,
+    /// The worker pool only (with health, readiness and metrics).
+    Work,
+}
+
+impl Mode {
+    fn listens(self) -> bool {
+        matches!(self, Mode::Serve | Mode::Listen)
+    }
+
+    fn works(self) -> bool {
+        matches!(self, Mode::Serve | Mode::Work)
+    }
+}
+
+/// A built, not yet running, process.
+pub struct Application {
+    config: Config,
+    mode: Mode,
+    api_listener: TcpListener,
+    metrics_listener: TcpListener,
+    api: Arc<ApiState>,
+    worker: Option<Arc<WorkerContext>>,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    pub async fn build(config: Config, mode: Mode) -> anyhow::Result<Self> {
+        let metrics = telemetry::metrics_handle();
+        let api_listener = TcpListener::bind(config.listen_addr)
+            .await
+            .with_context(|| format!("cannot listen on LISTEN_ADDR {}", config.listen_addr))?;
+        let metrics_listener = TcpListener::bind(config.metrics_addr)
+            .await
+            .with_context(|| format!("cannot listen on METRICS_ADDR {}", config.metrics_addr))?;
+        drop(metrics);
+
+        let shutdown = CancellationToken::new();
+        let listener_id = uuid::Uuid::new_v4().simple().to_string();
+        let waiters = Arc::new(outcome::Waiters::default());
+        let queue_conn = queue::connect(&config.redis_url, config.enqueue_timeout)?;
+
+        // The group is created here when missing, so entries queued before any worker
+        // starts are kept for it; workers create it too when the Redis was down now.
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            ingress::ensure_group(&queue_conn, &config.ensure_stream, &config.ensure_group),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "queue Redis is not answering; ensure requests get 503 until it does"),
+            Err(_) => tracing::warn!("queue Redis did not answer in 2 s; ensure requests get 503 until it does"),
+        }
+
+        let mut readiness = Readiness {
+            queue: queue_conn.clone(),
+            engine: None,
+            store: None,
+        };
+        let worker = if mode.works() {
+            let store = SqliteStore::open(&config.database_path, Duration::from_secs(5))?;
+            let engine_conn = queue::connect(&config.engine_redis_url, Duration::from_secs(2))?;
+            readiness.engine = Some(engine_conn.clone());
+            readiness.store = Some(store.clone());
+            let local = mode.listens().then(|| (listener_id.clone(), Arc::clone(&waiters)));
+            Some(Arc::new(WorkerContext {
+                store,
+                engine: EnginePublisher::new(engine_conn, config.engine_stream.clone(), Duration::from_secs(2)),
+                queue: queue_conn.clone(),
+                outcomes: outcome::OutcomeBus::new(local, queue_conn.clone(), config.ensure_stream.clone()),
+                ensure_stream: config.ensure_stream.clone(),
+                group: config.ensure_group.clone(),
+                dead_stream: config.dead_letter_stream(),
+                retry: RetryPolicy {
+                    initial: config.retry_initial,
+                    max: config.retry_max,
+                },
+                shutdown: shutdown.clone(),
+            }))
+        } else {
+            None
+        };
+
+        let api = Arc::new(ApiState {
+            auth: Authenticator::new(&config.jwt),
+            ingress: mode
+                .listens()
+                .then(|| ingress::Ingress::new(queue_conn.clone(), config.ensure_stream.clone(), config.enqueue_timeout)),
+            waiters,
+            listener_id,
+            wait: config.ensure_wait,
+            readiness,
+            shutdown: shutdown.clone(),
+        });
+        Ok(Self {
+            config,
+            mode,
+            api_listener,
+            metrics_listener,
+            api,
+            worker,
+            shutdown,
+        })
+    }
+
+    /// The address the API listens on (the real port when 0 was asked for).
+    pub fn address(&self) -> SocketAddr {
+        self.api_listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn metrics_address(&self) -> SocketAddr {
+        self.metrics_listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// The worker step, for tests that drive batches by hand.
+    pub fn worker(&self) -> Option<Arc<WorkerContext>> {
+        self.worker.clone()
+    }
+
+    /// Runs until `stop` completes, then shuts down within `SHUTDOWN_GRACE_SECS`.
+    pub async fn run_until_stopped(self, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let tracker = TaskTracker::new();
+        let limits = ConnectionLimits {
+            header_read_timeout: self.config.header_read_timeout,
+            shutdown_grace: self.config.shutdown_grace,
+        };
+        tracing::info!(mode = ?self.mode, address = %self.address(), metrics = %self.metrics_address(), "ensure-user running");
+        tracker.spawn(listener::run(self.api_listener, Site::Api(Arc::clone(&self.api)), limits, self.shutdown.clone()));
+        tracker.spawn(listener::run(
+            self.metrics_listener,
+            Site::Metrics(telemetry::metrics_handle()),
+            limits,
+            self.shutdown.clone(),
+        ));
+        if self.mode.listens() {
+            let client = redis::Client::open(self.config.redis_url.as_str())?;
+            tracker.spawn(outcome::run_subscriber(
+                client,
+                outcome::channel(&self.config.ensure_stream, &self.api.listener_id),
+                Arc::clone(&self.api.waiters),
+                self.shutdown.clone(),
+            ));
+        }
+        if let Some(ctx) = &self.worker {
+            WorkerPool::new(
+                Arc::clone(ctx),
+                PoolSettings {
+                    redis_url: self.config.redis_url.clone(),
+                    concurrency: self.config.worker_concurrency,
+                    batch_size: self.config.worker_batch_size,
+                    block: self.config.worker_block,
+                    claim_idle: self.config.claim_idle,
+                },
+            )
+            .spawn(&tracker)?;
+        }
+        tracker.close();
+
+        stop.await;
+        tracing::info!("shutting down");
+        self.shutdown.cancel();
+        if tokio::time::timeout(self.config.shutdown_grace, tracker.wait()).await.is_err() {
+            tracing::warn!(grace = ?self.config.shutdown_grace, "shutdown grace ran out; exiting anyway");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,123 @@
+//! What each command line command does; `main` only parses and calls [`run`].
+
+use std::process::ExitCode;
+
+use crate::app::{shutdown_signal, Application, Mode};
+use crate::cli::{Cli, Command, DeadLetterCommand};
+use crate::config::Config;
+use crate::http::auth::mint_token;
+use crate::queue::dead_letters::DeadLetters;
+use crate::queue::{self, RawEntry};
+use crate::telemetry;
+
+/// Runs a command and turns its result into the process's exit code. Every failure is one
+/// line on stderr: exit 2 for a bad setting, 1 for anything else.
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(Mode::Serve).await,
+        Command::Listen => serve(Mode::Listen).await,
+        Command::Work => serve(Mode::Work).await,
+        Command::Token { user_id, email, ttl } => token(&user_id, &email, ttl),
+        Command::DeadLetters(command) => dead_letters(command).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match e.downcast_ref::<crate::config::ConfigError>() {
+                Some(config) => {
+                    eprintln!("{config}");
+                    ExitCode::from(2)
+                }
+                None => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn serve(mode: Mode) -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    telemetry::init_logging(config.log_format);
+    let app = Application::build(config, mode).await?;
+    app.run_until_stopped(shutdown_signal()).await
+}
+
+fn token(user_id: &str, email: &str, ttl: Option<u64>) -> anyhow::Result<()> {
+    let jwt = Config::jwt_from_env()?;
+    println!("{}", mint_token(jwt.secret.as_bytes(), user_id, email, ttl)?);
+    Ok(())
+}
+
+async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    let conn = queue::connect(&config.redis_url, std::time::Duration::from_secs(5))?;
+    let tools = DeadLetters::new(conn, config.ensure_stream.clone(), config.dead_letter_stream());
+    match command {
+        DeadLetterCommand::List { json } => {
+            let letters = tools.list().await?;
+            if json {
+                for letter in &letters {
+                    println!("{}", letter_json(letter));
+                }
+            } else {
+                print_table(&letters);
+            }
+            eprintln!("{} dead letter(s) on {}", letters.len(), config.dead_letter_stream());
+        }
+        DeadLetterCommand::Replay { ids, all } => {
+            let ids = if all {
+                tools.list().await?.into_iter().map(|l| l.id).collect()
+            } else if ids.is_empty() {
+                anyhow::bail!("name the dead letters to replay, or pass --all");
+            } else {
+                ids
+            };
+            let mut replayed = 0;
+            for id in &ids {
+                match tools.replay(id).await? {
+                    Some(new_id) => {
+                        replayed += 1;
+                        println!("replayed {id} as {new_id} on {}", config.ensure_stream);
+                    }
+                    None => println!("no dead letter {id}"),
+                }
+            }
+            println!("{replayed} of {} replayed", ids.len());
+        }
+        DeadLetterCommand::Purge { older_than } => {
+            let removed = tools.purge(older_than).await?;
+            println!("purged {removed} dead letter(s) from {}", config.dead_letter_stream());
+        }
+    }
+    Ok(())
+}
+
+fn text(value: &[u8]) -> String {
+    String::from_utf8_lossy(value).into_owned()
+}
+
+fn letter_json(letter: &RawEntry) -> String {
+    let fields: serde_json::Map<String, serde_json::Value> = letter
+        .fields
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(text(v))))
+        .collect();
+    serde_json::json!({ "id": letter.id, "fields": fields }).to_string()
+}
+
+fn print_table(letters: &[RawEntry]) {
+    println!("{:<20} {:<24} {:<10} REASON", "ID", "USER_ID", "DELIVERIES");
+    for letter in letters {
+        let field = |name| letter.field(name).map(text).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<20} {:<24} {:<10} {}",
+            letter.id,
+            field(queue::ingress::fields::USER_ID),
+            field(queue::dead_letters::fields::DELIVERIES),
+            field(queue::dead_letters::fields::REASON),
+        );
+    }
+}

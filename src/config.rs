@@ -1,0 +1,372 @@
+//! Typed settings, read once at start from the environment (and `.env`, by `main`).
+//!
+//! Every setting of the contract has its default here. A bad value stops the process with
+//! one [`ConfigError`] line naming the variable, so an operator never has to read a
+//! backtrace to find a typo. Tests build a [`Config`] from a map of overrides instead of
+//! touching the process environment, so they can run side by side.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// One setting that could not be used, with what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration error: {setting}: {problem}")]
+pub struct ConfigError {
+    pub setting: &'static str,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(setting: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            setting,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// The HMAC secret that signs and verifies tokens. Its `Debug` never shows the bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JwtSecret(Vec<u8>);
+
+impl JwtSecret {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Self(bytes.into())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for JwtSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JwtSecret({} bytes)", self.0.len())
+    }
+}
+
+/// How the service checks bearer tokens.
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub secret: JwtSecret,
+    pub leeway_secs: u64,
+    pub require_exp: bool,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Everything `serve`, `listen` and `work` need.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub jwt: JwtConfig,
+    /// The queue's Redis: what a 2xx depends on.
+    pub redis_url: String,
+    /// The Engine's Redis; may be down without the listener noticing.
+    pub engine_redis_url: String,
+    pub ensure_stream: String,
+    pub ensure_group: String,
+    pub engine_stream: String,
+    pub engine_reply_stream: String,
+    /// How long a request waits for its outcome before it is answered 202.
+    pub ensure_wait: Duration,
+    /// How long the listener gives the queue Redis to take an entry before answering 503.
+    pub enqueue_timeout: Duration,
+    pub database_path: PathBuf,
+    pub worker_concurrency: usize,
+    pub worker_batch_size: usize,
+    pub worker_block: Duration,
+    /// Pending entries idle this long are taken over by another consumer.
+    pub claim_idle: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub shutdown_grace: Duration,
+    pub header_read_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+/// Reads settings from a lookup function; one place for parsing and error wording.
+struct Settings<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Settings<'_> {
+    /// A set, non-blank value, trimmed.
+    fn get(&self, name: &str) -> Option<String> {
+        (self.lookup)(name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn string(&self, name: &'static str, default: &str) -> String {
+        self.get(name).unwrap_or_else(|| default.to_string())
+    }
+
+    fn parse<T: FromStr>(&self, name: &'static str, default: T, what: &str) -> Result<T, ConfigError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(raw) => raw
+                .parse()
+                .map_err(|_| ConfigError::new(name, format!("{raw:?} is not {what}"))),
+        }
+    }
+
+    fn millis(&self, name: &'static str, default_ms: u64) -> Result<Duration, ConfigError> {
+        self.parse(name, default_ms, "a whole number of milliseconds")
+            .map(Duration::from_millis)
+    }
+
+    fn positive(&self, name: &'static str, default: usize) -> Result<usize, ConfigError> {
+        let n = self.parse(name, default, "a whole number")?;
+        if n == 0 {
+            return Err(ConfigError::new(name, "must be at least 1"));
+        }
+        Ok(n)
+    }
+
+    fn bool(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(name).map(|v| v.to_ascii_lowercase()) {
+            None => Ok(default),
+            Some(v) => match v.as_str() {
+                "1" | "true" | "yes" | "on" => Ok(true),
+                "0" | "false" | "no" | "off" => Ok(false),
+                _ => Err(ConfigError::new(name, format!("{v:?} is not true or false"))),
+            },
+        }
+    }
+
+    fn addr(&self, name: &'static str, default: SocketAddr) -> Result<SocketAddr, ConfigError> {
+        self.parse(name, default, "a socket address such as 0.0.0.0:8000")
+    }
+
+    fn redis_url(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {
+        let url = self.string(name, default);
+        redis::Client::open(url.as_str())
+            .map_err(|e| ConfigError::new(name, format!("not a usable Redis URL: {e}")))?;
+        Ok(url)
+    }
+
+    fn jwt(&self) -> Result<JwtConfig, ConfigError> {
+        // The secret is taken byte for byte: a space in it is part of it, as in Node.
+        let inline = (self.lookup)("JWT_SECRET").filter(|v| !v.is_empty());
+        let secret = match (inline, self.get("JWT_SECRET_FILE")) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "JWT_SECRET",
+                    "set either JWT_SECRET or JWT_SECRET_FILE, not both",
+                ))
+            }
+            (Some(s), None) => s.into_bytes(),
+            (None, Some(path)) => {
+                let mut bytes = std::fs::read(&path).map_err(|e| {
+                    ConfigError::new("JWT_SECRET_FILE", format!("cannot read {path}: {e}"))
+                })?;
+                // Editors and `echo` add a final newline; it is never part of the secret.
+                while matches!(bytes.last(), Some(b'\n' | b'\r')) {
+                    bytes.pop();
+                }
+                if bytes.is_empty() {
+                    return Err(ConfigError::new(
+                        "JWT_SECRET_FILE",
+                        format!("{path} is empty"),
+                    ));
+                }
+                bytes
+            }
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "JWT_SECRET",
+                    "is not set (set JWT_SECRET or JWT_SECRET_FILE to the platform's token secret)",
+                ))
+            }
+        };
+        Ok(JwtConfig {
+            secret: JwtSecret(secret),
+            leeway_secs: self.parse("JWT_LEEWAY_SECS", 60, "a whole number of seconds")?,
+            require_exp: self.bool("JWT_REQUIRE_EXP", false)?,
+        })
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&|name| std::env::var(name).ok())
+    }
+
+    /// Reads only the given variables: for tests and tools, never the process environment.
+    pub fn from_vars<K: AsRef<str>, V: AsRef<str>>(
+        vars: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<Self, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .into_iter()
+            .map(|(k, v)| (k.as_ref().to_string(), v.as_ref().to_string()))
+            .collect();
+        Self::from_lookup(&|name| map.get(name).cloned())
+    }
+
+    /// Only the token settings, for `ensure-user token`, which needs nothing else.
+    pub fn jwt_from_env() -> Result<JwtConfig, ConfigError> {
+        Settings {
+            lookup: &|name| std::env::var(name).ok(),
+        }
+        .jwt()
+    }
+
+    fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let s = Settings { lookup };
+        let port: u16 = s.parse("PORT", 8000, "a port number (0-65535)")?;
+        let listen_addr = s.addr("LISTEN_ADDR", SocketAddr::from(([0, 0, 0, 0], port)))?;
+        let metrics_addr = s.addr("METRICS_ADDR", SocketAddr::from(([0, 0, 0, 0], 9100)))?;
+        let redis_url = s.redis_url("REDIS_URL", "redis://127.0.0.1:6379")?;
+        let engine_redis_url = s.redis_url("ENGINE_REDIS_URL", &redis_url)?;
+        let worker_block = s.millis("WORKER_BLOCK_MS", 1000)?;
+        if worker_block.is_zero() {
+            // BLOCK 0 means "forever" to Redis: a worker could never notice a shutdown.
+            return Err(ConfigError::new("WORKER_BLOCK_MS", "must be at least 1"));
+        }
+        let claim_idle = s.millis("CLAIM_IDLE_MS", 30_000)?;
+        if claim_idle < Duration::from_secs(1) {
+            // Shorter than a batch can take: consumers would steal each other's live work.
+            return Err(ConfigError::new("CLAIM_IDLE_MS", "must be at least 1000"));
+        }
+        let retry_initial = s.millis("RETRY_INITIAL_MS", 100)?;
+        let retry_max = s.millis("RETRY_MAX_MS", 10_000)?;
+        if retry_initial.is_zero() || retry_max < retry_initial {
+            return Err(ConfigError::new(
+                "RETRY_MAX_MS",
+                "must be at least RETRY_INITIAL_MS, and RETRY_INITIAL_MS at least 1",
+            ));
+        }
+        let enqueue_timeout = s.millis("ENQUEUE_TIMEOUT_MS", 1000)?;
+        if enqueue_timeout.is_zero() {
+            return Err(ConfigError::new("ENQUEUE_TIMEOUT_MS", "must be at least 1"));
+        }
+        let log_format = match s.string("LOG_FORMAT", "text").to_ascii_lowercase().as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(ConfigError::new(
+                    "LOG_FORMAT",
+                    format!("{other:?} is not text or json"),
+                ))
+            }
+        };
+        let ensure_stream = s.string("ENSURE_STREAM", "stream:ensure-user");
+        Ok(Config {
+            listen_addr,
+            metrics_addr,
+            jwt: s.jwt()?,
+            redis_url,
+            engine_redis_url,
+            ensure_group: s.string("ENSURE_GROUP", "ensure-workers"),
+            engine_stream: s.string("ENGINE_STREAM", "stream:exness"),
+            engine_reply_stream: s.string("ENGINE_REPLY_STREAM", "stream:exnessReceive"),
+            ensure_stream,
+            ensure_wait: s.millis("ENSURE_WAIT_MS", 5000)?,
+            enqueue_timeout,
+            database_path: PathBuf::from(s.string("DATABASE_PATH", "./data/ensure-user.db")),
+            worker_concurrency: s.positive("WORKER_CONCURRENCY", 4)?,
+            worker_batch_size: s.positive("WORKER_BATCH_SIZE", 256)?,
+            worker_block,
+            claim_idle,
+            retry_initial,
+            retry_max,
+            shutdown_grace: Duration::from_secs(s.parse(
+                "SHUTDOWN_GRACE_SECS",
+                30,
+                "a whole number of seconds",
+            )?),
+            header_read_timeout: s.millis("HEADER_READ_TIMEOUT_MS", 10_000)?,
+            log_format,
+        })
+    }
+
+    /// The dead-letter stream that belongs to the ingress stream.
+    pub fn dead_letter_stream(&self) -> String {
+        format!("{}:dead", self.ensure_stream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(extra: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut vars = vec![("JWT_SECRET", "s3cret")];
+        vars.extend_from_slice(extra);
+        Config::from_vars(vars)
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = with(&[]).unwrap();
+        assert_eq!(c.listen_addr.to_string(), "0.0.0.0:8000");
+        assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:9100");
+        assert_eq!(c.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(c.engine_redis_url, c.redis_url);
+        assert_eq!(c.ensure_stream, "stream:ensure-user");
+        assert_eq!(c.dead_letter_stream(), "stream:ensure-user:dead");
+        assert_eq!(c.ensure_group, "ensure-workers");
+        assert_eq!(c.engine_stream, "stream:exness");
+        assert_eq!(c.engine_reply_stream, "stream:exnessReceive");
+        assert_eq!(c.ensure_wait, Duration::from_millis(5000));
+        assert_eq!(c.database_path, PathBuf::from("./data/ensure-user.db"));
+        assert_eq!(c.jwt.leeway_secs, 60);
+        assert!(!c.jwt.require_exp);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn port_sets_the_listen_address() {
+        assert_eq!(with(&[("PORT", "9000")]).unwrap().listen_addr.port(), 9000);
+    }
+
+    #[test]
+    fn bad_settings_name_themselves() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("PORT", "eighty")], "PORT"),
+            (&[("ENSURE_WAIT_MS", "-1")], "ENSURE_WAIT_MS"),
+            (&[("JWT_REQUIRE_EXP", "maybe")], "JWT_REQUIRE_EXP"),
+            (&[("REDIS_URL", "http://nope")], "REDIS_URL"),
+            (&[("WORKER_CONCURRENCY", "0")], "WORKER_CONCURRENCY"),
+            (&[("LISTEN_ADDR", "localhost")], "LISTEN_ADDR"),
+            (&[("LOG_FORMAT", "xml")], "LOG_FORMAT"),
+            (&[("WORKER_BLOCK_MS", "0")], "WORKER_BLOCK_MS"),
+        ];
+        for (vars, setting) in cases {
+            let err = with(vars).unwrap_err();
+            assert_eq!(err.setting, *setting, "{vars:?}");
+            assert!(err.to_string().starts_with(&format!("configuration error: {setting}: ")));
+        }
+    }
+
+    #[test]
+    fn a_missing_secret_is_refused() {
+        let err = Config::from_vars(Vec::<(&str, &str)>::new()).unwrap_err();
+        assert_eq!(err.setting, "JWT_SECRET");
+    }
+
+    #[test]
+    fn secret_file_loses_its_trailing_newline() {
+        let dir = std::env::temp_dir().join(format!("eu-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("secret");
+        std::fs::write(&path, "from-file\n").unwrap();
+        let c = Config::from_vars([("JWT_SECRET_FILE", path.to_str().unwrap())]).unwrap();
+        assert_eq!(c.jwt.secret.as_bytes(), b"from-file");
+        let debug = format!("{:?}", c.jwt.secret);
+        assert!(!debug.contains("from-file"), "{debug}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,10 @@
+//! The trading Engine's side: the commands it reads and publishing them to its stream.
+//!
+//! The Engine already exists and reads `ENGINE_STREAM` in a fixed wire format; this module
+//! is the only place that knows it.
+
+pub mod command;
+pub mod publisher;
+
+pub use command::EngineCommand;
+pub use publisher::EnginePublisher;

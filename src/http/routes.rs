@@ -1,0 +1,205 @@
+//! Dispatch by path and method, and the ensure flow itself.
+//!
+//! The ensure flow: refuse an oversized body, authenticate, register a waiter, XADD, then
+//! wait (bounded) for the worker's outcome. The waiter is registered before the XADD so
+//! an outcome that arrives before the XADD's answer is not missed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt as _;
+use hyper::body::{Body as _, Incoming};
+use hyper::{Method, Request, StatusCode};
+use redis::aio::ConnectionManager;
+use tokio_util::sync::CancellationToken;
+
+use super::auth::Authenticator;
+use super::responses::{self, ApiError, HttpResponse};
+use crate::queue::dead_letters::now_millis;
+use crate::queue::ingress::{EnsureRequest, Ingress};
+use crate::queue::outcome::{Outcome, Waiters};
+use crate::store::SqliteStore;
+use crate::telemetry;
+
+/// Bodies up to this size are read and ignored; larger ones are refused with 413.
+pub const MAX_BODY_BYTES: u64 = 64 * 1024;
+
+const ENSURE_PATH: &str = "/api/v1/auth/ensure-user";
+const REQUESTS_PREFIX: &str = "/api/v1/auth/ensure-user/requests/";
+
+/// The dependencies `/readyz` asks, by the name it reports them under.
+pub struct Readiness {
+    pub queue: ConnectionManager,
+    pub engine: Option<ConnectionManager>,
+    pub store: Option<SqliteStore>,
+}
+
+impl Readiness {
+    /// Names of the dependencies that do not answer within a second.
+    pub async fn failing(&self) -> Vec<&'static str> {
+        let timeout = Duration::from_secs(1);
+        let store = async {
+            match &self.store {
+                Some(s) => matches!(tokio::time::timeout(timeout, s.ping()).await, Ok(Ok(()))),
+                None => true,
+            }
+        };
+        let engine = async {
+            match &self.engine {
+                Some(e) => crate::queue::ping(e, timeout).await,
+                None => true,
+            }
+        };
+        let (queue_ok, engine_ok, store_ok) =
+            tokio::join!(crate::queue::ping(&self.queue, timeout), engine, store);
+        let mut failing = Vec::new();
+        if !queue_ok {
+            failing.push("queue_redis");
+        }
+        if !engine_ok {
+            failing.push("engine_redis");
+        }
+        if !store_ok {
+            failing.push("sqlite");
+        }
+        failing
+    }
+}
+
+/// What the API routes share.
+pub struct ApiState {
+    pub auth: Authenticator,
+    /// `None` in `work` mode, where this process takes no ensure requests.
+    pub ingress: Option<Ingress>,
+    pub waiters: Arc<Waiters>,
+    pub listener_id: String,
+    pub wait: Duration,
+    pub readiness: Readiness,
+    pub shutdown: CancellationToken,
+}
+
+/// Answers one request; never fails (every error is an answer).
+pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> HttpResponse {
+    let started = Instant::now();
+    let route = route_name(req.uri().path());
+    let response = match dispatch(&state, req).await {
+        Ok(r) => r,
+        Err(e) => e.to_response(),
+    };
+    let status = response.status();
+    metrics::counter!(telemetry::HTTP_REQUESTS, "route" => route, "status" => status_label(status)).increment(1);
+    metrics::histogram!(telemetry::HTTP_DURATION_SECONDS, "route" => route).record(started.elapsed().as_secs_f64());
+    response
+}
+
+fn route_name(path: &str) -> &'static str {
+    match path {
+        ENSURE_PATH => "ensure",
+        "/healthz" => "healthz",
+        "/readyz" => "readyz",
+        p if p.starts_with(REQUESTS_PREFIX) => "request_status",
+        _ => "other",
+    }
+}
+
+fn status_label(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200 => "200",
+        202 => "202",
+        400 => "400",
+        401 => "401",
+        404 => "404",
+        405 => "405",
+        413 => "413",
+        500 => "500",
+        503 => "503",
+        _ => "other",
+    }
+}
+
+async fn dispatch(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    let method = req.method().clone();
+    match (route_name(req.uri().path()), method) {
+        ("ensure", Method::POST) => ensure(state, req).await,
+        ("ensure", _) => Err(ApiError::MethodNotAllowed { allow: "POST" }),
+        ("healthz", Method::GET | Method::HEAD) => Ok(responses::healthy()),
+        ("readyz", Method::GET | Method::HEAD) => Ok(responses::readiness(&state.readiness.failing().await)),
+        ("healthz" | "readyz" | "request_status", _) if req.method() != Method::GET => {
+            Err(ApiError::MethodNotAllowed { allow: "GET" })
+        }
+        // Request status records arrive with the fault-tolerance work; until then every
+        // id is unknown, which the contract answers with 404.
+        _ => Err(ApiError::NotFound),
+    }
+}
+
+/// Reads and drops the body, refusing it once it passes [`MAX_BODY_BYTES`], so an
+/// oversized body is never buffered.
+async fn discard_body(mut body: Incoming) -> Result<(), ApiError> {
+    if body.size_hint().lower() > MAX_BODY_BYTES {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    let mut seen = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| ApiError::BadBody)?;
+        if let Some(data) = frame.data_ref() {
+            seen += data.len() as u64;
+            if seen > MAX_BODY_BYTES {
+                return Err(ApiError::PayloadTooLarge);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    let (parts, body) = req.into_parts();
+    discard_body(body).await.inspect_err(|_| answer("refused"))?;
+    let identity = state.auth.authenticate(&parts.headers).inspect_err(|_| answer("refused"))?;
+    let Some(ingress) = &state.ingress else {
+        return Err(ApiError::NotFound);
+    };
+    let waits = !state.wait.is_zero();
+    let request = EnsureRequest {
+        request_id: uuid::Uuid::new_v4().simple().to_string(),
+        user_id: identity.user_id,
+        email: identity.email,
+        reply_to: if waits { state.listener_id.clone() } else { String::new() },
+        enqueued_at_ms: now_millis(),
+    };
+    let span = tracing::info_span!("ensure", request_id = %request.request_id, user_id = %request.user_id);
+    let mut waiter = waits.then(|| state.waiters.register(&request.request_id));
+    if let Err(e) = ingress.enqueue(&request).await {
+        metrics::counter!(telemetry::ENQUEUE_FAILURES).increment(1);
+        answer("unavailable");
+        tracing::warn!(parent: &span, error = %e, "request not queued; answered 503");
+        return Err(ApiError::QueueUnavailable);
+    }
+    let Some(waiter) = waiter.as_mut() else {
+        answer("queued");
+        return Ok(responses::initiated(&request.user_id, &request.request_id));
+    };
+    let gauge = metrics::gauge!(telemetry::WAITERS);
+    gauge.increment(1.0);
+    let outcome = waiter.outcome(state.wait, &state.shutdown).await;
+    gauge.decrement(1.0);
+    match outcome {
+        Some(Outcome::Done { user_id }) => {
+            answer("done");
+            Ok(responses::ensured(&user_id))
+        }
+        Some(Outcome::Dead { reason }) => {
+            answer("dead");
+            tracing::warn!(parent: &span, %reason, "request dead-lettered; answered 500");
+            Err(ApiError::Failed)
+        }
+        None => {
+            answer("timeout");
+            Ok(responses::initiated(&request.user_id, &request.request_id))
+        }
+    }
+}
+
+fn answer(outcome: &'static str) {
+    metrics::counter!(telemetry::ANSWERS, "outcome" => outcome).increment(1);
+}

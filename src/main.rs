@@ -1,0 +1,25 @@
+//! The `ensure-user` binary: parse the command line, load the settings, run the command.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use ensure_user::cli::Cli;
+
+fn main() -> ExitCode {
+    // A .env in the working folder is read when present; the real environment wins.
+    if let Err(e) = dotenvy::dotenv() {
+        if !e.not_found() {
+            eprintln!("configuration error: .env: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(ensure_user::commands::run(cli))
+}

@@ -1,0 +1,149 @@
+//! Dead letters: entries that can never succeed, kept on `<ENSURE_STREAM>:dead`.
+//!
+//! A dead letter keeps the original entry's fields byte for byte, plus why it died, so an
+//! operator can read it, repair what was wrong, and replay it. Writing a dead letter and
+//! acknowledging the original happen in one MULTI; so do replaying and removing it: a crash
+//! in between can neither lose the entry nor double it.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redis::aio::ConnectionManager;
+
+use super::RawEntry;
+
+/// Fields a dead letter adds to the original entry's.
+pub mod fields {
+    pub const REASON: &str = "dead_reason";
+    pub const DELIVERIES: &str = "dead_deliveries";
+    pub const FIRST_FAILED_AT: &str = "dead_first_failed_at";
+    pub const LAST_FAILED_AT: &str = "dead_last_failed_at";
+    pub const ORIGINAL_ID: &str = "dead_original_id";
+}
+
+pub fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One entry that failed for good.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub entry: RawEntry,
+    pub reason: String,
+    pub deliveries: u64,
+    pub first_failed_at_ms: u64,
+}
+
+impl DeadLetter {
+    /// Adds the XADD of this dead letter to a pipeline (the caller acks in the same MULTI).
+    pub fn add_to(&self, pipe: &mut redis::Pipeline, dead_stream: &str) {
+        let cmd = pipe.cmd("XADD").arg(dead_stream).arg("*");
+        for (name, value) in self.entry.fields.iter().flatten() {
+            if !name.starts_with("dead_") {
+                cmd.arg(name).arg(value.as_slice());
+            }
+        }
+        cmd.arg(fields::REASON)
+            .arg(&self.reason)
+            .arg(fields::DELIVERIES)
+            .arg(self.deliveries)
+            .arg(fields::FIRST_FAILED_AT)
+            .arg(self.first_failed_at_ms)
+            .arg(fields::LAST_FAILED_AT)
+            .arg(now_millis())
+            .arg(fields::ORIGINAL_ID)
+            .arg(&self.entry.id)
+            .ignore();
+    }
+}
+
+/// Operator tools over the dead-letter stream.
+pub struct DeadLetters {
+    conn: ConnectionManager,
+    ingress: String,
+    dead: String,
+}
+
+impl DeadLetters {
+    pub fn new(conn: ConnectionManager, ingress: String, dead: String) -> Self {
+        Self {
+            conn,
+            ingress,
+            dead,
+        }
+    }
+
+    /// Every dead letter, oldest first.
+    pub async fn list(&self) -> redis::RedisResult<Vec<RawEntry>> {
+        let mut conn = self.conn.clone();
+        let value: redis::Value = redis::cmd("XRANGE")
+            .arg(&self.dead)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await?;
+        Ok(super::parse_entries(&value))
+    }
+
+    /// Puts one dead letter back on the ingress stream and removes it, atomically.
+    /// Returns the new ingress id, or `None` when no dead letter has that id.
+    pub async fn replay(&self, id: &str) -> redis::RedisResult<Option<String>> {
+        let mut conn = self.conn.clone();
+        let value: redis::Value = redis::cmd("XRANGE")
+            .arg(&self.dead)
+            .arg(id)
+            .arg(id)
+            .query_async(&mut conn)
+            .await?;
+        let Some(entry) = super::parse_entries(&value).into_iter().next() else {
+            return Ok(None);
+        };
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let cmd = pipe.cmd("XADD").arg(&self.ingress).arg("*");
+        for (name, value) in entry.fields.iter().flatten() {
+            match name.as_str() {
+                n if n.starts_with("dead_") => {}
+                // The listener that waited is long gone; nobody waits for a replay.
+                super::ingress::fields::REPLY_TO => {
+                    cmd.arg(name).arg("");
+                }
+                _ => {
+                    cmd.arg(name).arg(value.as_slice());
+                }
+            }
+        }
+        pipe.cmd("XDEL").arg(&self.dead).arg(id).ignore();
+        let (new_id,): (String,) = pipe.query_async(&mut conn).await?;
+        Ok(Some(new_id))
+    }
+
+    /// Removes dead letters older than `min_age_ms` (all when `None`); returns how many.
+    pub async fn purge(&self, min_age_ms: Option<u64>) -> redis::RedisResult<u64> {
+        let mut conn = self.conn.clone();
+        match min_age_ms {
+            None => {
+                let (len, _): (u64, ()) = redis::pipe()
+                    .atomic()
+                    .cmd("XLEN")
+                    .arg(&self.dead)
+                    .cmd("DEL")
+                    .arg(&self.dead)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(len)
+            }
+            Some(age) => {
+                let min_id = now_millis().saturating_sub(age);
+                redis::cmd("XTRIM")
+                    .arg(&self.dead)
+                    .arg("MINID")
+                    .arg(min_id)
+                    .query_async(&mut conn)
+                    .await
+            }
+        }
+    }
+}

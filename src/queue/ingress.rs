@@ -1,0 +1,220 @@
+//! The ingress stream: one entry per accepted ensure request.
+//!
+//! An entry's fields are flat strings so that an operator can read them with `XRANGE` and
+//! the dead-letter tools can copy them back unchanged. Entries are never trimmed; workers
+//! delete them only after acknowledging them.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+
+use super::RawEntry;
+
+/// Field names of an ingress entry.
+pub mod fields {
+    pub const REQUEST_ID: &str = "request_id";
+    pub const USER_ID: &str = "user_id";
+    pub const EMAIL: &str = "email";
+    pub const REPLY_TO: &str = "reply_to";
+    pub const ENQUEUED_AT: &str = "enqueued_at";
+}
+
+/// One authenticated request to make sure a user exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnsureRequest {
+    pub request_id: String,
+    pub user_id: String,
+    pub email: String,
+    /// The id of the listener waiting for the outcome (empty: nobody waits).
+    pub reply_to: String,
+    /// Unix milliseconds when the listener accepted the request.
+    pub enqueued_at_ms: u64,
+}
+
+/// Why an entry is not an ensure request. Never retried: the bytes will not change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("entry has no fields (deleted while pending)")]
+    Empty,
+    #[error("field {0:?} is missing")]
+    Missing(&'static str),
+    #[error("field {0:?} is empty")]
+    Blank(&'static str),
+    #[error("field {0:?} is not UTF-8")]
+    NotUtf8(&'static str),
+    #[error("field {0:?} is not a number")]
+    NotANumber(&'static str),
+}
+
+impl EnsureRequest {
+    /// Decodes an ingress entry; any other shape is a [`DecodeError`].
+    pub fn decode(entry: &RawEntry) -> Result<Self, DecodeError> {
+        if entry.fields.is_none() {
+            return Err(DecodeError::Empty);
+        }
+        let text = |name: &'static str| -> Result<String, DecodeError> {
+            let raw = entry.field(name).ok_or(DecodeError::Missing(name))?;
+            String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::NotUtf8(name))
+        };
+        let required = |name: &'static str| -> Result<String, DecodeError> {
+            let value = text(name)?;
+            if value.is_empty() {
+                return Err(DecodeError::Blank(name));
+            }
+            Ok(value)
+        };
+        Ok(Self {
+            request_id: required(fields::REQUEST_ID)?,
+            user_id: required(fields::USER_ID)?,
+            email: required(fields::EMAIL)?,
+            reply_to: text(fields::REPLY_TO).unwrap_or_default(),
+            enqueued_at_ms: text(fields::ENQUEUED_AT)?
+                .parse()
+                .map_err(|_| DecodeError::NotANumber(fields::ENQUEUED_AT))?,
+        })
+    }
+
+    /// The XADD arguments for this request, in a fixed order.
+    pub fn to_fields(&self) -> [(&'static str, String); 5] {
+        [
+            (fields::REQUEST_ID, self.request_id.clone()),
+            (fields::USER_ID, self.user_id.clone()),
+            (fields::EMAIL, self.email.clone()),
+            (fields::REPLY_TO, self.reply_to.clone()),
+            (fields::ENQUEUED_AT, self.enqueued_at_ms.to_string()),
+        ]
+    }
+}
+
+/// Why a request could not be queued. The client is told to retry; nothing was stored.
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    #[error("the queue's Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the queue's Redis refused the entry: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// The listener's side of the ingress stream.
+#[derive(Clone)]
+pub struct Ingress {
+    conn: ConnectionManager,
+    stream: String,
+    timeout: Duration,
+}
+
+impl Ingress {
+    pub fn new(conn: ConnectionManager, stream: String, timeout: Duration) -> Self {
+        Self {
+            conn,
+            stream,
+            timeout,
+        }
+    }
+
+    /// Appends the request and returns its entry id once Redis has answered.
+    ///
+    /// On a timeout the command is abandoned: if it was never sent it never will be. The one
+    /// ambiguous case (sent, but the answer lost) is described in the README.
+    pub async fn enqueue(&self, request: &EnsureRequest) -> Result<String, EnqueueError> {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&self.stream).arg("*");
+        for (name, value) in request.to_fields() {
+            cmd.arg(name).arg(value);
+        }
+        match tokio::time::timeout(self.timeout, cmd.query_async::<String>(&mut conn)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(EnqueueError::Timeout(self.timeout)),
+        }
+    }
+}
+
+/// Creates the consumer group at the start of the stream (and the stream) when missing.
+///
+/// Starting at `0`, not `$`, so entries queued before any worker existed are still read.
+pub async fn ensure_group(
+    conn: &ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> Result<(), redis::RedisError> {
+    let mut conn = conn.clone();
+    let created: Result<(), _> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await;
+    match created {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry_of(request: &EnsureRequest) -> RawEntry {
+        RawEntry {
+            id: "1-0".into(),
+            fields: Some(
+                request
+                    .to_fields()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.into_bytes()))
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let request = EnsureRequest {
+            request_id: "r1".into(),
+            user_id: "u1".into(),
+            email: "u1@example.com".into(),
+            reply_to: "l1".into(),
+            enqueued_at_ms: 1_700_000_000_000,
+        };
+        assert_eq!(EnsureRequest::decode(&entry_of(&request)), Ok(request));
+    }
+
+    #[test]
+    fn rejects_other_shapes() {
+        let cases: Vec<(Option<Vec<(&str, &[u8])>>, DecodeError)> = vec![
+            (None, DecodeError::Empty),
+            (Some(vec![("foo", b"bar")]), DecodeError::Missing("request_id")),
+            (
+                Some(vec![("request_id", b"r"), ("user_id", b""), ("email", b"e")]),
+                DecodeError::Blank("user_id"),
+            ),
+            (
+                Some(vec![("request_id", b"r"), ("user_id", b"\xff"), ("email", b"e")]),
+                DecodeError::NotUtf8("user_id"),
+            ),
+            (
+                Some(vec![
+                    ("request_id", b"r"),
+                    ("user_id", b"u"),
+                    ("email", b"e"),
+                    ("enqueued_at", b"soon"),
+                ]),
+                DecodeError::NotANumber("enqueued_at"),
+            ),
+        ];
+        for (fields, expected) in cases {
+            let entry = RawEntry {
+                id: "1-0".into(),
+                fields: fields.map(|f| {
+                    f.into_iter()
+                        .map(|(k, v)| (k.to_string(), v.to_vec()))
+                        .collect()
+                }),
+            };
+            assert_eq!(EnsureRequest::decode(&entry), Err(expected));
+        }
+    }
+}

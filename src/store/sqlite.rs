@@ -1,0 +1,339 @@
+//! The SQLite store: one writer thread, one transaction per batch.
+//!
+//! SQLite allows one writer at a time, so the writes of all workers go through one thread
+//! that owns the connection; batches that arrive while a transaction commits are committed
+//! together in the next one (group commit), so `synchronous=FULL` costs one fsync per
+//! group rather than per user. The async side only sends a message and awaits the reply.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension};
+use tokio::sync::oneshot;
+
+use super::{NewUser, Resolution};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: the users table.
+    "CREATE TABLE IF NOT EXISTS users (
+        user_id         TEXT PRIMARY KEY NOT NULL,
+        email           TEXT NOT NULL UNIQUE,
+        created_at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+        last_ensured_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    )",
+];
+
+const TOUCH_BY_ID: &str = "UPDATE users SET last_ensured_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+     WHERE user_id = ?1";
+const INSERT: &str = "INSERT INTO users (user_id, email) VALUES (?1, ?2) ON CONFLICT DO NOTHING";
+const TOUCH_BY_EMAIL: &str = "UPDATE users SET last_ensured_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+     WHERE email = ?1 RETURNING user_id";
+
+/// A store failure that concerns the whole batch.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// Worth retrying: the database is busy or locked, or the disk hiccupped.
+    #[error("SQLite is temporarily unavailable: {0}")]
+    Transient(String),
+    /// Not worth retrying as it is (e.g. the file is not a database).
+    #[error("SQLite failed: {0}")]
+    Fatal(String),
+    #[error("the SQLite writer thread has stopped")]
+    Stopped,
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, StoreError::Fatal(_))
+    }
+}
+
+/// Busy, locked, out of disk or memory, an I/O hiccup: the same work may succeed later.
+fn is_transient(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(
+            ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::DiskFull
+                | ErrorCode::CannotOpen
+                | ErrorCode::OutOfMemory
+        )
+    )
+}
+
+/// True when the error concerns the whole database rather than one row's values.
+fn is_database_wide(e: &rusqlite::Error) -> bool {
+    is_transient(e)
+        || matches!(
+            e.sqlite_error_code(),
+            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase | ErrorCode::ReadOnly)
+        )
+}
+
+fn classify(e: rusqlite::Error) -> StoreError {
+    if is_transient(&e) {
+        StoreError::Transient(e.to_string())
+    } else {
+        StoreError::Fatal(e.to_string())
+    }
+}
+
+type UpsertReply = oneshot::Sender<Result<Vec<Resolution>, StoreError>>;
+
+enum Command {
+    Upsert(Vec<NewUser>, UpsertReply),
+    Ping(oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// Handle to the writer thread; cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    tx: mpsc::Sender<Command>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database and its folder, migrates it, and starts
+    /// the writer thread. Fails at once when the file cannot be used.
+    pub fn open(path: &Path, busy_timeout: Duration) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create the folder {}", dir.display()))?;
+        }
+        create_private(path)?;
+        let conn = Connection::open(path)
+            .with_context(|| format!("cannot open SQLite database {}", path.display()))?;
+        prepare(&conn, busy_timeout)
+            .with_context(|| format!("cannot prepare SQLite database {}", path.display()))?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .context("cannot start the SQLite writer thread")?;
+        Ok(Self {
+            tx,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes sure of every user in one transaction; one [`Resolution`] per user, in order.
+    pub async fn upsert(&self, users: Vec<NewUser>) -> Result<Vec<Resolution>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Upsert(users, reply))
+            .map_err(|_| StoreError::Stopped)?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    /// Answers when the writer thread can read the database.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Ping(reply))
+            .map_err(|_| StoreError::Stopped)?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+}
+
+/// Creates the database file readable by its owner only; an existing file keeps its mode.
+fn create_private(path: &Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    options
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    Ok(())
+}
+
+fn prepare(conn: &Connection, busy_timeout: Duration) -> rusqlite::Result<()> {
+    conn.busy_timeout(busy_timeout)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>) {
+    while let Ok(first) = rx.recv() {
+        let mut group: Vec<(Vec<NewUser>, UpsertReply)> = Vec::new();
+        let mut next = Some(first);
+        // Take whatever else is already waiting: one commit serves them all.
+        while let Some(command) = next.take().or_else(|| rx.try_recv().ok()) {
+            match command {
+                Command::Upsert(users, reply) => group.push((users, reply)),
+                Command::Ping(reply) => {
+                    let ok = conn
+                        .query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
+                        .map_err(classify);
+                    let _ = reply.send(ok);
+                }
+            }
+            if group.len() >= 64 {
+                break;
+            }
+        }
+        if group.is_empty() {
+            continue;
+        }
+        match upsert_group(&mut conn, &group) {
+            Ok(results) => {
+                for ((_, reply), result) in group.into_iter().zip(results) {
+                    let _ = reply.send(Ok(result));
+                }
+            }
+            Err(e) => {
+                let e = classify(e);
+                for (_, reply) in group {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn upsert_group(
+    conn: &mut Connection,
+    group: &[(Vec<NewUser>, UpsertReply)],
+) -> rusqlite::Result<Vec<Vec<Resolution>>> {
+    let tx = conn.transaction()?;
+    let mut results = Vec::with_capacity(group.len());
+    {
+        let mut touch_by_id = tx.prepare_cached(TOUCH_BY_ID)?;
+        let mut insert = tx.prepare_cached(INSERT)?;
+        let mut touch_by_email = tx.prepare_cached(TOUCH_BY_EMAIL)?;
+        for (users, _) in group {
+            let mut batch = Vec::with_capacity(users.len());
+            for user in users {
+                let resolved = (|| -> rusqlite::Result<Resolution> {
+                    // The user exists already: the common case of a returning user.
+                    if touch_by_id.execute([&user.user_id])? == 1 {
+                        return Ok(Resolution::Stored {
+                            canonical_id: user.user_id.clone(),
+                        });
+                    }
+                    if insert.execute([&user.user_id, &user.email])? == 1 {
+                        return Ok(Resolution::Stored {
+                            canonical_id: user.user_id.clone(),
+                        });
+                    }
+                    // The email belongs to another user id: that owner is the user.
+                    let owner: Option<String> = touch_by_email
+                        .query_row([&user.email], |r| r.get(0))
+                        .optional()?;
+                    Ok(match owner {
+                        Some(canonical_id) => Resolution::Stored { canonical_id },
+                        None => Resolution::Refused {
+                            reason: "neither the user id nor the email could be stored".into(),
+                        },
+                    })
+                })();
+                match resolved {
+                    Ok(r) => batch.push(r),
+                    // Busy, I/O and the like concern the whole transaction: retry it all.
+                    Err(e) if is_database_wide(&e) => return Err(e),
+                    // Anything else is about this row's values; the rest of the batch goes on.
+                    Err(e) => batch.push(Resolution::Refused {
+                        reason: format!("SQLite refused the row: {e}"),
+                    }),
+                }
+            }
+            results.push(batch);
+        }
+    }
+    tx.commit()?;
+    Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_db(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("eu-store-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.join("nested").join("users.db")
+    }
+
+    fn user(id: &str, email: &str) -> NewUser {
+        NewUser {
+            user_id: id.into(),
+            email: email.into(),
+        }
+    }
+
+    fn stored(id: &str) -> Resolution {
+        Resolution::Stored {
+            canonical_id: id.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn upserts_follow_the_email_owner_rule() {
+        let path = temp_db("owner");
+        let store = SqliteStore::open(&path, Duration::from_secs(1)).unwrap();
+        let got = store
+            .upsert(vec![
+                user("u1", "a@x"),
+                user("u1", "a@x"),
+                user("u2", "a@x"),
+                user("u1", "changed@x"),
+                user("u3", "c@x"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(got, vec![stored("u1"), stored("u1"), stored("u1"), stored("u1"), stored("u3")]);
+        let conn = Connection::open(&path).unwrap();
+        let rows: Vec<(String, String)> = conn
+            .prepare("SELECT user_id, email FROM users ORDER BY user_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows, vec![("u1".into(), "a@x".into()), ("u3".into(), "c@x".into())]);
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        store.ping().await.unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_refused_at_open() {
+        let path = temp_db("garbage");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
+        assert!(SqliteStore::open(&path, Duration::from_secs(1)).is_err());
+    }
+}

@@ -1,0 +1,85 @@
+//! Logs and metrics: the tracing setup, and every metric name with its description.
+//!
+//! Metric names live here and nowhere else, so the dashboard, the README and the code
+//! cannot drift apart. Label values come from small fixed sets (route names, outcomes,
+//! steps), never from a request.
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::config::LogFormat;
+
+pub const HTTP_REQUESTS: &str = "ensure_user_http_requests_total";
+pub const HTTP_DURATION_SECONDS: &str = "ensure_user_http_request_duration_seconds";
+pub const ANSWERS: &str = "ensure_user_answers_total";
+pub const WAITERS: &str = "ensure_user_waiters";
+pub const ENQUEUE_FAILURES: &str = "ensure_user_enqueue_failures_total";
+pub const JOBS_COMPLETED: &str = "ensure_user_jobs_completed_total";
+pub const JOB_RETRIES: &str = "ensure_user_job_retries_total";
+pub const JOBS_DEAD_LETTERED: &str = "ensure_user_jobs_dead_lettered_total";
+pub const JOB_PANICS: &str = "ensure_user_job_panics_total";
+pub const BATCH_SIZE: &str = "ensure_user_batch_size";
+pub const ENQUEUE_TO_DONE_SECONDS: &str = "ensure_user_enqueue_to_done_seconds";
+pub const SQLITE_TXN_SECONDS: &str = "ensure_user_sqlite_transaction_seconds";
+pub const ENGINE_PUBLISH_SECONDS: &str = "ensure_user_engine_publish_seconds";
+pub const ENGINE_PUBLISH_FAILURES: &str = "ensure_user_engine_publish_failures_total";
+pub const BUILD_INFO: &str = "ensure_user_build_info";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+///
+/// A process has one recorder; tests that build several applications share it.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), SIZE_BUCKETS))
+                .expect("bucket lists are non-empty constants")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+            }
+            describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by route and status code.");
+    describe_histogram!(HTTP_DURATION_SECONDS, Unit::Seconds, "Time to answer an HTTP request, by route.");
+    describe_counter!(ANSWERS, "Ensure answers by outcome: done (200), timeout (202), dead (500), unavailable (503), refused (4xx).");
+    describe_gauge!(WAITERS, "Ensure requests waiting for their outcome right now.");
+    describe_counter!(ENQUEUE_FAILURES, "Requests that could not be queued (answered 503).");
+    describe_counter!(JOBS_COMPLETED, "Ensure requests stored and published to the Engine.");
+    describe_counter!(JOB_RETRIES, "Retried batch steps, by step (store, engine, ack).");
+    describe_counter!(JOBS_DEAD_LETTERED, "Entries moved to the dead letters.");
+    describe_counter!(JOB_PANICS, "Batches that panicked (a bug); their entries stay pending.");
+    describe_histogram!(BATCH_SIZE, "Entries per batch a worker processed.");
+    describe_histogram!(ENQUEUE_TO_DONE_SECONDS, Unit::Seconds, "Time from a request's enqueue to its completion.");
+    describe_histogram!(SQLITE_TXN_SECONDS, Unit::Seconds, "Time of one SQLite upsert transaction, as the worker waits for it.");
+    describe_histogram!(ENGINE_PUBLISH_SECONDS, Unit::Seconds, "Time to publish one batch of commands to the Engine stream.");
+    describe_counter!(ENGINE_PUBLISH_FAILURES, "Failed attempts to publish to the Engine stream.");
+    describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
+}
+
+/// Sets up logging: human-readable by default, one JSON object per line with `LOG_FORMAT=json`.
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

@@ -1,0 +1,12 @@
+//! The worker pool: consumers on the ingress group that carry requests out.
+//!
+//! - [`runner`]: the consumers' loops (read, re-claim, shutdown);
+//! - [`job`]: one batch, store → Engine → acknowledge → outcomes; the step tests drive;
+//! - [`retry`]: the backoff policy and which failures are worth retrying.
+
+pub mod job;
+pub mod retry;
+pub mod runner;
+
+pub use job::{BatchReport, WorkerContext};
+pub use runner::WorkerPool;

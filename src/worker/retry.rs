@@ -1,0 +1,133 @@
+//! Retry policy: exponential backoff with jitter (the `backoff` crate), and the typed
+//! difference between failures worth retrying and failures that never go away.
+
+use std::future::Future;
+use std::time::Duration;
+
+use backoff::ExponentialBackoff;
+use tokio_util::sync::CancellationToken;
+
+/// How one step of a batch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The dependency may come back (Redis unreachable, SQLite busy, I/O): try again later.
+    #[error("{0}")]
+    Retryable(String),
+    /// Trying again cannot help: the entries go to the dead letters.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// Why a batch was left unfinished. Its entries stay pending and will be read again.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("shutdown while {step} was being retried")]
+    Abandoned { step: &'static str },
+}
+
+/// The backoff settings of a worker.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl RetryPolicy {
+    pub fn backoff(&self) -> ExponentialBackoff {
+        backoff::ExponentialBackoffBuilder::new()
+            .with_initial_interval(self.initial)
+            .with_max_interval(self.max)
+            .with_multiplier(2.0)
+            .with_randomization_factor(0.5)
+            // Retry until the dependency is back or the process stops: pending entries are
+            // safe in the queue meanwhile, and giving up would only dead-letter good work.
+            .with_max_elapsed_time(None)
+            .build()
+    }
+
+    /// Runs `op` until it succeeds, fails permanently, or shutdown begins.
+    pub async fn run<T, F, Fut>(
+        &self,
+        step: &'static str,
+        shutdown: &CancellationToken,
+        mut op: F,
+    ) -> Result<Result<T, String>, JobError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StepError>>,
+    {
+        let attempt = || {
+            let fut = op();
+            async move {
+                fut.await.map_err(|e| match e {
+                    StepError::Retryable(m) => backoff::Error::transient(m),
+                    StepError::Permanent(m) => backoff::Error::permanent(m),
+                })
+            }
+        };
+        let notify = |error: String, wait: Duration| {
+            metrics::counter!(crate::telemetry::JOB_RETRIES, "step" => step).increment(1);
+            tracing::warn!(step, %error, retry_in_ms = wait.as_millis() as u64, "step failed; retrying");
+        };
+        tokio::select! {
+            result = backoff::future::retry_notify(self.backoff(), attempt, notify) => Ok(result),
+            _ = shutdown.cancelled() => Err(JobError::Abandoned { step }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn retryable_failures_are_retried_until_success() {
+        let calls = AtomicU32::new(0);
+        let result = policy()
+            .run("test", &CancellationToken::new(), || async {
+                if calls.fetch_add(1, Ordering::SeqCst) < 3 {
+                    Err(StepError::Retryable("not yet".into()))
+                } else {
+                    Ok(7)
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(result, Ok(7));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn permanent_failures_stop_at_once() {
+        let calls = AtomicU32::new(0);
+        let result: Result<(), String> = policy()
+            .run("test", &CancellationToken::new(), || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(StepError::Permanent("never".into()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(result, Err("never".into()));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn shutdown_abandons_a_retry() {
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let result = policy()
+            .run("test", &shutdown, || async {
+                Err::<(), _>(StepError::Retryable("down".into()))
+            })
+            .await;
+        assert!(matches!(result, Err(JobError::Abandoned { step: "test" })));
+    }
+}
