@@ -84,8 +84,12 @@ impl Application {
         .await
         {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "queue Redis is not answering; ensure requests get 503 until it does"),
-            Err(_) => tracing::warn!("queue Redis did not answer in 2 s; ensure requests get 503 until it does"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "queue Redis is not answering; ensure requests get 503 until it does")
+            }
+            Err(_) => tracing::warn!(
+                "queue Redis did not answer in 2 s; ensure requests get 503 until it does"
+            ),
         }
 
         let mut readiness = Readiness {
@@ -98,12 +102,22 @@ impl Application {
             let engine_conn = queue::connect(&config.engine_redis_url, Duration::from_secs(2))?;
             readiness.engine = Some(engine_conn.clone());
             readiness.store = Some(store.clone());
-            let local = mode.listens().then(|| (listener_id.clone(), Arc::clone(&waiters)));
+            let local = mode
+                .listens()
+                .then(|| (listener_id.clone(), Arc::clone(&waiters)));
             Some(Arc::new(WorkerContext {
                 store,
-                engine: EnginePublisher::new(engine_conn, config.engine_stream.clone(), Duration::from_secs(2)),
+                engine: EnginePublisher::new(
+                    engine_conn,
+                    config.engine_stream.clone(),
+                    Duration::from_secs(2),
+                ),
                 queue: queue_conn.clone(),
-                outcomes: outcome::OutcomeBus::new(local, queue_conn.clone(), config.ensure_stream.clone()),
+                outcomes: outcome::OutcomeBus::new(
+                    local,
+                    queue_conn.clone(),
+                    config.ensure_stream.clone(),
+                ),
                 ensure_stream: config.ensure_stream.clone(),
                 group: config.ensure_group.clone(),
                 dead_stream: config.dead_letter_stream(),
@@ -119,9 +133,13 @@ impl Application {
 
         let api = Arc::new(ApiState {
             auth: Authenticator::new(&config.jwt),
-            ingress: mode
-                .listens()
-                .then(|| ingress::Ingress::new(queue_conn.clone(), config.ensure_stream.clone(), config.enqueue_timeout)),
+            ingress: mode.listens().then(|| {
+                ingress::Ingress::new(
+                    queue_conn.clone(),
+                    config.ensure_stream.clone(),
+                    config.enqueue_timeout,
+                )
+            }),
             waiters,
             listener_id,
             wait: config.ensure_wait,
@@ -141,11 +159,15 @@ impl Application {
 
     /// The address the API listens on (the real port when 0 was asked for).
     pub fn address(&self) -> SocketAddr {
-        self.api_listener.local_addr().expect("a bound listener has an address")
+        self.api_listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     pub fn metrics_address(&self) -> SocketAddr {
-        self.metrics_listener.local_addr().expect("a bound listener has an address")
+        self.metrics_listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// The worker step, for tests that drive batches by hand.
@@ -161,7 +183,12 @@ impl Application {
             shutdown_grace: self.config.shutdown_grace,
         };
         tracing::info!(mode = ?self.mode, address = %self.address(), metrics = %self.metrics_address(), "ensure-user running");
-        tracker.spawn(listener::run(self.api_listener, Site::Api(Arc::clone(&self.api)), limits, self.shutdown.clone()));
+        tracker.spawn(listener::run(
+            self.api_listener,
+            Site::Api(Arc::clone(&self.api)),
+            limits,
+            self.shutdown.clone(),
+        ));
         tracker.spawn(listener::run(
             self.metrics_listener,
             Site::Metrics(telemetry::metrics_handle()),
@@ -195,7 +222,10 @@ impl Application {
         stop.await;
         tracing::info!("shutting down");
         self.shutdown.cancel();
-        if tokio::time::timeout(self.config.shutdown_grace, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(self.config.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(grace = ?self.config.shutdown_grace, "shutdown grace ran out; exiting anyway");
         }
         tracing::info!("stopped");

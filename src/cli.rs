@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "ensure-user", version, about = "Makes sure every signed-in user exists in the Engine and the database.")]
+#[command(
+    name = "ensure-user",
+    version,
+    about = "Makes sure every signed-in user exists in the Engine and the database."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -17,23 +17,25 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Serve => serve(Mode::Serve).await,
         Command::Listen => serve(Mode::Listen).await,
         Command::Work => serve(Mode::Work).await,
-        Command::Token { user_id, email, ttl } => token(&user_id, &email, ttl),
+        Command::Token {
+            user_id,
+            email,
+            ttl,
+        } => token(&user_id, &email, ttl),
         Command::DeadLetters(command) => dead_letters(command).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            match e.downcast_ref::<crate::config::ConfigError>() {
-                Some(config) => {
-                    eprintln!("{config}");
-                    ExitCode::from(2)
-                }
-                None => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
+        Err(e) => match e.downcast_ref::<crate::config::ConfigError>() {
+            Some(config) => {
+                eprintln!("{config}");
+                ExitCode::from(2)
             }
-        }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -46,14 +48,21 @@ async fn serve(mode: Mode) -> anyhow::Result<()> {
 
 fn token(user_id: &str, email: &str, ttl: Option<u64>) -> anyhow::Result<()> {
     let jwt = Config::jwt_from_env()?;
-    println!("{}", mint_token(jwt.secret.as_bytes(), user_id, email, ttl)?);
+    println!(
+        "{}",
+        mint_token(jwt.secret.as_bytes(), user_id, email, ttl)?
+    );
     Ok(())
 }
 
 async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
     let config = Config::from_env()?;
     let conn = queue::connect(&config.redis_url, std::time::Duration::from_secs(5))?;
-    let tools = DeadLetters::new(conn, config.ensure_stream.clone(), config.dead_letter_stream());
+    let tools = DeadLetters::new(
+        conn,
+        config.ensure_stream.clone(),
+        config.dead_letter_stream(),
+    );
     match command {
         DeadLetterCommand::List { json } => {
             let letters = tools.list().await?;
@@ -64,7 +73,11 @@ async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
             } else {
                 print_table(&letters);
             }
-            eprintln!("{} dead letter(s) on {}", letters.len(), config.dead_letter_stream());
+            eprintln!(
+                "{} dead letter(s) on {}",
+                letters.len(),
+                config.dead_letter_stream()
+            );
         }
         DeadLetterCommand::Replay { ids, all } => {
             let ids = if all {
@@ -88,7 +101,10 @@ async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
         }
         DeadLetterCommand::Purge { older_than } => {
             let removed = tools.purge(older_than).await?;
-            println!("purged {removed} dead letter(s) from {}", config.dead_letter_stream());
+            println!(
+                "purged {removed} dead letter(s) from {}",
+                config.dead_letter_stream()
+            );
         }
     }
     Ok(())

@@ -112,7 +112,12 @@ impl Settings<'_> {
         self.get(name).unwrap_or_else(|| default.to_string())
     }
 
-    fn parse<T: FromStr>(&self, name: &'static str, default: T, what: &str) -> Result<T, ConfigError> {
+    fn parse<T: FromStr>(
+        &self,
+        name: &'static str,
+        default: T,
+        what: &str,
+    ) -> Result<T, ConfigError> {
         match self.get(name) {
             None => Ok(default),
             Some(raw) => raw
@@ -140,7 +145,10 @@ impl Settings<'_> {
             Some(v) => match v.as_str() {
                 "1" | "true" | "yes" | "on" => Ok(true),
                 "0" | "false" | "no" | "off" => Ok(false),
-                _ => Err(ConfigError::new(name, format!("{v:?} is not true or false"))),
+                _ => Err(ConfigError::new(
+                    name,
+                    format!("{v:?} is not true or false"),
+                )),
             },
         }
     }
@@ -159,37 +167,36 @@ impl Settings<'_> {
     fn jwt(&self) -> Result<JwtConfig, ConfigError> {
         // The secret is taken byte for byte: a space in it is part of it, as in Node.
         let inline = (self.lookup)("JWT_SECRET").filter(|v| !v.is_empty());
-        let secret = match (inline, self.get("JWT_SECRET_FILE")) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::new(
-                    "JWT_SECRET",
-                    "set either JWT_SECRET or JWT_SECRET_FILE, not both",
-                ))
-            }
-            (Some(s), None) => s.into_bytes(),
-            (None, Some(path)) => {
-                let mut bytes = std::fs::read(&path).map_err(|e| {
-                    ConfigError::new("JWT_SECRET_FILE", format!("cannot read {path}: {e}"))
-                })?;
-                // Editors and `echo` add a final newline; it is never part of the secret.
-                while matches!(bytes.last(), Some(b'\n' | b'\r')) {
-                    bytes.pop();
-                }
-                if bytes.is_empty() {
+        let secret =
+            match (inline, self.get("JWT_SECRET_FILE")) {
+                (Some(_), Some(_)) => {
                     return Err(ConfigError::new(
-                        "JWT_SECRET_FILE",
-                        format!("{path} is empty"),
-                    ));
+                        "JWT_SECRET",
+                        "set either JWT_SECRET or JWT_SECRET_FILE, not both",
+                    ))
                 }
-                bytes
-            }
-            (None, None) => {
-                return Err(ConfigError::new(
+                (Some(s), None) => s.into_bytes(),
+                (None, Some(path)) => {
+                    let mut bytes = std::fs::read(&path).map_err(|e| {
+                        ConfigError::new("JWT_SECRET_FILE", format!("cannot read {path}: {e}"))
+                    })?;
+                    // Editors and `echo` add a final newline; it is never part of the secret.
+                    while matches!(bytes.last(), Some(b'\n' | b'\r')) {
+                        bytes.pop();
+                    }
+                    if bytes.is_empty() {
+                        return Err(ConfigError::new(
+                            "JWT_SECRET_FILE",
+                            format!("{path} is empty"),
+                        ));
+                    }
+                    bytes
+                }
+                (None, None) => return Err(ConfigError::new(
                     "JWT_SECRET",
                     "is not set (set JWT_SECRET or JWT_SECRET_FILE to the platform's token secret)",
-                ))
-            }
-        };
+                )),
+            };
         Ok(JwtConfig {
             secret: JwtSecret(secret),
             leeway_secs: self.parse("JWT_LEEWAY_SECS", 60, "a whole number of seconds")?,
@@ -347,7 +354,9 @@ mod tests {
         for (vars, setting) in cases {
             let err = with(vars).unwrap_err();
             assert_eq!(err.setting, *setting, "{vars:?}");
-            assert!(err.to_string().starts_with(&format!("configuration error: {setting}: ")));
+            assert!(err
+                .to_string()
+                .starts_with(&format!("configuration error: {setting}: ")));
         }
     }
 

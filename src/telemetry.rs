@@ -30,7 +30,9 @@ pub const BUILD_INFO: &str = "ensure_user_build_info";
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
-const SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+const SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 ///
@@ -41,7 +43,9 @@ pub fn metrics_handle() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), SIZE_BUCKETS))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), SIZE_BUCKETS)
+                })
                 .expect("bucket lists are non-empty constants")
                 .build_recorder();
             let handle = recorder.handle();
@@ -56,28 +60,70 @@ pub fn metrics_handle() -> PrometheusHandle {
 }
 
 fn describe() {
-    describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by route and status code.");
-    describe_histogram!(HTTP_DURATION_SECONDS, Unit::Seconds, "Time to answer an HTTP request, by route.");
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by route and status code."
+    );
+    describe_histogram!(
+        HTTP_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time to answer an HTTP request, by route."
+    );
     describe_counter!(ANSWERS, "Ensure answers by outcome: done (200), timeout (202), dead (500), unavailable (503), refused (4xx).");
-    describe_gauge!(WAITERS, "Ensure requests waiting for their outcome right now.");
-    describe_counter!(ENQUEUE_FAILURES, "Requests that could not be queued (answered 503).");
-    describe_counter!(JOBS_COMPLETED, "Ensure requests stored and published to the Engine.");
-    describe_counter!(JOB_RETRIES, "Retried batch steps, by step (store, engine, ack).");
+    describe_gauge!(
+        WAITERS,
+        "Ensure requests waiting for their outcome right now."
+    );
+    describe_counter!(
+        ENQUEUE_FAILURES,
+        "Requests that could not be queued (answered 503)."
+    );
+    describe_counter!(
+        JOBS_COMPLETED,
+        "Ensure requests stored and published to the Engine."
+    );
+    describe_counter!(
+        JOB_RETRIES,
+        "Retried batch steps, by step (store, engine, ack)."
+    );
     describe_counter!(JOBS_DEAD_LETTERED, "Entries moved to the dead letters.");
-    describe_counter!(JOB_PANICS, "Batches that panicked (a bug); their entries stay pending.");
+    describe_counter!(
+        JOB_PANICS,
+        "Batches that panicked (a bug); their entries stay pending."
+    );
     describe_histogram!(BATCH_SIZE, "Entries per batch a worker processed.");
-    describe_histogram!(ENQUEUE_TO_DONE_SECONDS, Unit::Seconds, "Time from a request's enqueue to its completion.");
-    describe_histogram!(SQLITE_TXN_SECONDS, Unit::Seconds, "Time of one SQLite upsert transaction, as the worker waits for it.");
-    describe_histogram!(ENGINE_PUBLISH_SECONDS, Unit::Seconds, "Time to publish one batch of commands to the Engine stream.");
-    describe_counter!(ENGINE_PUBLISH_FAILURES, "Failed attempts to publish to the Engine stream.");
-    describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
+    describe_histogram!(
+        ENQUEUE_TO_DONE_SECONDS,
+        Unit::Seconds,
+        "Time from a request's enqueue to its completion."
+    );
+    describe_histogram!(
+        SQLITE_TXN_SECONDS,
+        Unit::Seconds,
+        "Time of one SQLite upsert transaction, as the worker waits for it."
+    );
+    describe_histogram!(
+        ENGINE_PUBLISH_SECONDS,
+        Unit::Seconds,
+        "Time to publish one batch of commands to the Engine stream."
+    );
+    describe_counter!(
+        ENGINE_PUBLISH_FAILURES,
+        "Failed attempts to publish to the Engine stream."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which build runs."
+    );
 }
 
 /// Sets up logging: human-readable by default, one JSON object per line with `LOG_FORMAT=json`.
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

@@ -227,7 +227,11 @@ mod tests {
     #[test]
     fn missing_or_foreign_credentials_are_no_token() {
         for v in ["Basic abc", "Bearer", "Bearer    ", "abc", ""] {
-            assert_eq!(bearer_token(&headers(&[v])), Err(AuthError::NoToken), "{v:?}");
+            assert_eq!(
+                bearer_token(&headers(&[v])),
+                Err(AuthError::NoToken),
+                "{v:?}"
+            );
         }
         assert_eq!(bearer_token(&HeaderMap::new()), Err(AuthError::NoToken));
     }

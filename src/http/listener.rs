@@ -45,7 +45,9 @@ fn metrics_page(handle: &PrometheusHandle, req: &Request<Incoming>) -> HttpRespo
     use hyper::header::{HeaderValue, CONTENT_TYPE};
     match (req.uri().path(), req.method()) {
         ("/metrics", &hyper::Method::GET) => {
-            let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(handle.render())));
+            let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(
+                handle.render(),
+            )));
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -65,7 +67,12 @@ pub struct ConnectionLimits {
 }
 
 /// Serves `listener` until `shutdown`, then lets open connections finish within the grace.
-pub async fn run(listener: TcpListener, site: Site, limits: ConnectionLimits, shutdown: CancellationToken) {
+pub async fn run(
+    listener: TcpListener,
+    site: Site,
+    limits: ConnectionLimits,
+    shutdown: CancellationToken,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -73,7 +80,10 @@ pub async fn run(listener: TcpListener, site: Site, limits: ConnectionLimits, sh
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true)
         .max_buf_size(64 * 1024);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
 

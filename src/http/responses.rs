@@ -5,7 +5,9 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use hyper::header::{
+    HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
@@ -46,13 +48,16 @@ impl ApiError {
         match self {
             ApiError::Auth(AuthError::NoToken) => unauthorized("No token provided."),
             ApiError::Auth(AuthError::InvalidToken) => unauthorized("Invalid or expired token."),
-            ApiError::Auth(AuthError::InvalidPayload) => error(StatusCode::BAD_REQUEST, "Invalid token payload."),
+            ApiError::Auth(AuthError::InvalidPayload) => {
+                error(StatusCode::BAD_REQUEST, "Invalid token payload.")
+            }
             ApiError::QueueUnavailable => {
                 let mut r = error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "The ensure queue is unavailable; please retry shortly.",
                 );
-                r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                r.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
                 r
             }
             ApiError::Failed => error(
@@ -62,18 +67,21 @@ impl ApiError {
             ApiError::NotFound => error(StatusCode::NOT_FOUND, "Not found."),
             ApiError::MethodNotAllowed { allow } => {
                 let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed.");
-                r.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+                r.headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static(allow));
                 r
             }
             ApiError::PayloadTooLarge => {
                 let mut r = error(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large.");
                 // The rest of the body is never read, so this connection cannot be reused.
-                r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                r.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
                 r
             }
             ApiError::BadBody => {
                 let mut r = error(StatusCode::BAD_REQUEST, "Request body could not be read.");
-                r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                r.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
                 r
             }
         }
@@ -112,16 +120,20 @@ struct Ensured<'a> {
     message: &'a str,
     #[serde(rename = "userId")]
     user_id: &'a str,
+    /// Extra to the contract's fields: lets a client match the Engine's command.
+    #[serde(rename = "requestId")]
+    request_id: &'a str,
 }
 
-/// 200: stored and published within the wait.
-pub fn ensured(user_id: &str) -> HttpResponse {
+/// 200: stored and published within the wait; `user_id` is the canonical id.
+pub fn ensured(user_id: &str, request_id: &str) -> HttpResponse {
     json(
         StatusCode::OK,
         &Ensured {
             success: true,
             message: ENSURED_MESSAGE,
             user_id,
+            request_id,
         },
     )
 }

@@ -87,8 +87,10 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> HttpRespons
         Err(e) => e.to_response(),
     };
     let status = response.status();
-    metrics::counter!(telemetry::HTTP_REQUESTS, "route" => route, "status" => status_label(status)).increment(1);
-    metrics::histogram!(telemetry::HTTP_DURATION_SECONDS, "route" => route).record(started.elapsed().as_secs_f64());
+    metrics::counter!(telemetry::HTTP_REQUESTS, "route" => route, "status" => status_label(status))
+        .increment(1);
+    metrics::histogram!(telemetry::HTTP_DURATION_SECONDS, "route" => route)
+        .record(started.elapsed().as_secs_f64());
     response
 }
 
@@ -123,7 +125,9 @@ async fn dispatch(state: &ApiState, req: Request<Incoming>) -> Result<HttpRespon
         ("ensure", Method::POST) => ensure(state, req).await,
         ("ensure", _) => Err(ApiError::MethodNotAllowed { allow: "POST" }),
         ("healthz", Method::GET | Method::HEAD) => Ok(responses::healthy()),
-        ("readyz", Method::GET | Method::HEAD) => Ok(responses::readiness(&state.readiness.failing().await)),
+        ("readyz", Method::GET | Method::HEAD) => {
+            Ok(responses::readiness(&state.readiness.failing().await))
+        }
         ("healthz" | "readyz" | "request_status", _) if req.method() != Method::GET => {
             Err(ApiError::MethodNotAllowed { allow: "GET" })
         }
@@ -154,8 +158,13 @@ async fn discard_body(mut body: Incoming) -> Result<(), ApiError> {
 
 async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
     let (parts, body) = req.into_parts();
-    discard_body(body).await.inspect_err(|_| answer("refused"))?;
-    let identity = state.auth.authenticate(&parts.headers).inspect_err(|_| answer("refused"))?;
+    discard_body(body)
+        .await
+        .inspect_err(|_| answer("refused"))?;
+    let identity = state
+        .auth
+        .authenticate(&parts.headers)
+        .inspect_err(|_| answer("refused"))?;
     let Some(ingress) = &state.ingress else {
         return Err(ApiError::NotFound);
     };
@@ -164,10 +173,15 @@ async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse
         request_id: uuid::Uuid::new_v4().simple().to_string(),
         user_id: identity.user_id,
         email: identity.email,
-        reply_to: if waits { state.listener_id.clone() } else { String::new() },
+        reply_to: if waits {
+            state.listener_id.clone()
+        } else {
+            String::new()
+        },
         enqueued_at_ms: now_millis(),
     };
-    let span = tracing::info_span!("ensure", request_id = %request.request_id, user_id = %request.user_id);
+    let span =
+        tracing::info_span!("ensure", request_id = %request.request_id, user_id = %request.user_id);
     let mut waiter = waits.then(|| state.waiters.register(&request.request_id));
     if let Err(e) = ingress.enqueue(&request).await {
         metrics::counter!(telemetry::ENQUEUE_FAILURES).increment(1);
@@ -186,7 +200,7 @@ async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse
     match outcome {
         Some(Outcome::Done { user_id }) => {
             answer("done");
-            Ok(responses::ensured(&user_id))
+            Ok(responses::ensured(&user_id, &request.request_id))
         }
         Some(Outcome::Dead { reason }) => {
             answer("dead");

@@ -184,15 +184,27 @@ mod tests {
 
     #[test]
     fn rejects_other_shapes() {
-        let cases: Vec<(Option<Vec<(&str, &[u8])>>, DecodeError)> = vec![
+        type Fields<'a> = Option<Vec<(&'a str, &'a [u8])>>;
+        let cases: Vec<(Fields, DecodeError)> = vec![
             (None, DecodeError::Empty),
-            (Some(vec![("foo", b"bar")]), DecodeError::Missing("request_id")),
             (
-                Some(vec![("request_id", b"r"), ("user_id", b""), ("email", b"e")]),
+                Some(vec![("foo", b"bar")]),
+                DecodeError::Missing("request_id"),
+            ),
+            (
+                Some(vec![
+                    ("request_id", b"r"),
+                    ("user_id", b""),
+                    ("email", b"e"),
+                ]),
                 DecodeError::Blank("user_id"),
             ),
             (
-                Some(vec![("request_id", b"r"), ("user_id", b"\xff"), ("email", b"e")]),
+                Some(vec![
+                    ("request_id", b"r"),
+                    ("user_id", b"\xff"),
+                    ("email", b"e"),
+                ]),
                 DecodeError::NotUtf8("user_id"),
             ),
             (

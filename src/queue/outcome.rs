@@ -92,7 +92,11 @@ pub struct Waiter {
 
 impl Waiter {
     /// The outcome, or `None` when the wait ends first or the request is abandoned.
-    pub async fn outcome(&mut self, wait: Duration, shutdown: &CancellationToken) -> Option<Outcome> {
+    pub async fn outcome(
+        &mut self,
+        wait: Duration,
+        shutdown: &CancellationToken,
+    ) -> Option<Outcome> {
         tokio::select! {
             outcome = &mut self.rx => outcome.ok(),
             _ = tokio::time::sleep(wait) => None,
@@ -206,7 +210,11 @@ async fn subscribe_once(
     let connect = client.get_async_pubsub();
     let mut pubsub = match tokio::time::timeout(Duration::from_secs(2), connect).await {
         Ok(pubsub) => pubsub?,
-        Err(_) => return Err(redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+        Err(_) => {
+            return Err(redis::RedisError::from(std::io::Error::from(
+                std::io::ErrorKind::TimedOut,
+            )))
+        }
     };
     pubsub.subscribe(channel).await?;
     tracing::debug!(channel, "subscribed to outcomes");
@@ -237,7 +245,9 @@ mod tests {
     fn outcome_messages_have_a_stable_shape() {
         let m = OutcomeMessage {
             request_id: "r".into(),
-            outcome: Outcome::Done { user_id: "u".into() },
+            outcome: Outcome::Done {
+                user_id: "u".into(),
+            },
         };
         assert_eq!(
             serde_json::to_string(&m).unwrap(),
@@ -251,7 +261,9 @@ mod tests {
         {
             let mut w = waiters.register("r1");
             assert_eq!(waiters.len(), 1);
-            let none = w.outcome(Duration::from_millis(1), &CancellationToken::new()).await;
+            let none = w
+                .outcome(Duration::from_millis(1), &CancellationToken::new())
+                .await;
             assert_eq!(none, None);
         }
         assert!(waiters.is_empty());
@@ -262,8 +274,20 @@ mod tests {
     async fn completion_reaches_the_waiter() {
         let waiters = Arc::new(Waiters::default());
         let mut w = waiters.register("r1");
-        assert!(waiters.complete("r1", Outcome::Done { user_id: "u".into() }));
-        let got = w.outcome(Duration::from_secs(5), &CancellationToken::new()).await;
-        assert_eq!(got, Some(Outcome::Done { user_id: "u".into() }));
+        assert!(waiters.complete(
+            "r1",
+            Outcome::Done {
+                user_id: "u".into()
+            }
+        ));
+        let got = w
+            .outcome(Duration::from_secs(5), &CancellationToken::new())
+            .await;
+        assert_eq!(
+            got,
+            Some(Outcome::Done {
+                user_id: "u".into()
+            })
+        );
     }
 }

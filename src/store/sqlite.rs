@@ -28,7 +28,8 @@ const MIGRATIONS: &[&str] = &[
 const TOUCH_BY_ID: &str = "UPDATE users SET last_ensured_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
      WHERE user_id = ?1";
 const INSERT: &str = "INSERT INTO users (user_id, email) VALUES (?1, ?2) ON CONFLICT DO NOTHING";
-const TOUCH_BY_EMAIL: &str = "UPDATE users SET last_ensured_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+const TOUCH_BY_EMAIL: &str =
+    "UPDATE users SET last_ensured_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
      WHERE email = ?1 RETURNING user_id";
 
 /// A store failure that concerns the whole batch.
@@ -98,7 +99,9 @@ pub struct SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -308,7 +311,16 @@ mod tests {
             ])
             .await
             .unwrap();
-        assert_eq!(got, vec![stored("u1"), stored("u1"), stored("u1"), stored("u1"), stored("u3")]);
+        assert_eq!(
+            got,
+            vec![
+                stored("u1"),
+                stored("u1"),
+                stored("u1"),
+                stored("u1"),
+                stored("u3")
+            ]
+        );
         let conn = Connection::open(&path).unwrap();
         let rows: Vec<(String, String)> = conn
             .prepare("SELECT user_id, email FROM users ORDER BY user_id")
@@ -317,8 +329,13 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(rows, vec![("u1".into(), "a@x".into()), ("u3".into(), "c@x".into())]);
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(
+            rows,
+            vec![("u1".into(), "a@x".into()), ("u3".into(), "c@x".into())]
+        );
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
         store.ping().await.unwrap();
         #[cfg(unix)]

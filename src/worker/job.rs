@@ -64,7 +64,10 @@ impl WorkerContext {
                 Ok(request) => good.push(Decoded { entry, request }),
                 Err(e) => {
                     tracing::error!(entry_id = %entry.id, error = %e, "undecodable entry dead-lettered");
-                    dead.push((self.dead_letter(entry, format!("undecodable entry: {e}"), deliveries), None));
+                    dead.push((
+                        self.dead_letter(entry, format!("undecodable entry: {e}"), deliveries),
+                        None,
+                    ));
                 }
             }
         }
@@ -87,7 +90,8 @@ impl WorkerContext {
                     async move {
                         let t = Instant::now();
                         let result = store.upsert(users).await;
-                        metrics::histogram!(telemetry::SQLITE_TXN_SECONDS).record(t.elapsed().as_secs_f64());
+                        metrics::histogram!(telemetry::SQLITE_TXN_SECONDS)
+                            .record(t.elapsed().as_secs_f64());
                         result.map_err(|e| {
                             if e.is_retryable() {
                                 StepError::Retryable(e.to_string())
@@ -107,7 +111,10 @@ impl WorkerContext {
                         Resolution::Stored { canonical_id } => stored.push((d, canonical_id)),
                         Resolution::Refused { reason } => {
                             let request = d.request.clone();
-                            dead.push((self.dead_letter(d.entry, reason, deliveries), Some(request)));
+                            dead.push((
+                                self.dead_letter(d.entry, reason, deliveries),
+                                Some(request),
+                            ));
                         }
                     }
                 }
@@ -115,7 +122,10 @@ impl WorkerContext {
             Err(reason) => {
                 for d in good {
                     let request = d.request.clone();
-                    dead.push((self.dead_letter(d.entry, reason.clone(), deliveries), Some(request)));
+                    dead.push((
+                        self.dead_letter(d.entry, reason.clone(), deliveries),
+                        Some(request),
+                    ));
                 }
             }
         }
@@ -137,7 +147,8 @@ impl WorkerContext {
             .run("engine", &self.shutdown, || async move {
                 let t = Instant::now();
                 let result = engine.publish(commands).await;
-                metrics::histogram!(telemetry::ENGINE_PUBLISH_SECONDS).record(t.elapsed().as_secs_f64());
+                metrics::histogram!(telemetry::ENGINE_PUBLISH_SECONDS)
+                    .record(t.elapsed().as_secs_f64());
                 result.map_err(|e| {
                     metrics::counter!(telemetry::ENGINE_PUBLISH_FAILURES).increment(1);
                     StepError::Retryable(e.to_string())
@@ -157,7 +168,11 @@ impl WorkerContext {
         for (letter, _) in &dead {
             letter.add_to(&mut pipe, &self.dead_stream);
         }
-        pipe.cmd("XACK").arg(&self.ensure_stream).arg(&self.group).arg(&ids).ignore();
+        pipe.cmd("XACK")
+            .arg(&self.ensure_stream)
+            .arg(&self.group)
+            .arg(&ids)
+            .ignore();
         pipe.cmd("XDEL").arg(&self.ensure_stream).arg(&ids).ignore();
         let queue = &self.queue;
         let pipe = &pipe;
@@ -205,7 +220,12 @@ impl WorkerContext {
         };
         metrics::counter!(telemetry::JOBS_COMPLETED).increment(report.done as u64);
         metrics::histogram!(telemetry::BATCH_SIZE).record((report.done + report.dead) as f64);
-        tracing::debug!(done = report.done, dead = report.dead, elapsed_ms = started.elapsed().as_millis() as u64, "batch finished");
+        tracing::debug!(
+            done = report.done,
+            dead = report.dead,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "batch finished"
+        );
         Ok(report)
     }
 

@@ -59,7 +59,10 @@ impl WorkerPool {
                 ctx: Arc::clone(&self.ctx),
                 name: format!("{}-{i}", self.name_prefix),
                 // Must outlast the BLOCK, or every idle read would look like a failure.
-                conn: queue::connect(&self.settings.redis_url, self.settings.block + Duration::from_secs(2))?,
+                conn: queue::connect(
+                    &self.settings.redis_url,
+                    self.settings.block + Duration::from_secs(2),
+                )?,
                 settings: self.settings.clone(),
             };
             tracker.spawn(consumer.run());
@@ -85,7 +88,8 @@ impl Consumer {
         while !shutdown.is_cancelled() {
             let step = async {
                 if !group_ready {
-                    ingress::ensure_group(&self.conn, &self.ctx.ensure_stream, &self.ctx.group).await?;
+                    ingress::ensure_group(&self.conn, &self.ctx.ensure_stream, &self.ctx.group)
+                        .await?;
                     group_ready = true;
                 }
                 // Re-claim first: old pending entries have waited longest.
@@ -167,7 +171,9 @@ impl Consumer {
             .await;
         match result {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::info!(consumer = %self.name, count, error = %e, "batch left pending"),
+            Ok(Err(e)) => {
+                tracing::info!(consumer = %self.name, count, error = %e, "batch left pending")
+            }
             Err(_) => {
                 metrics::counter!(telemetry::JOB_PANICS).increment(1);
                 tracing::error!(consumer = %self.name, count, "batch panicked; entries left pending");

@@ -1,0 +1,356 @@
+//! Test harness: a `redis-server` per test, the application in-process or as the built
+//! binary, tokens, and one helper per endpoint. Nothing here sleeps to synchronise: every
+//! wait polls a condition until a deadline.
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ensure_user::http::auth::mint_token;
+use ensure_user::queue::{parse_entries, RawEntry};
+use ensure_user::{Application, Config, Mode};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "test-secret-that-is-long-enough-for-hs256";
+pub const ENSURE_PATH: &str = "/api/v1/auth/ensure-user";
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `DEADLINE`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `redis-server` of the test's own, on a free port, killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts one with extra `redis-server` arguments (e.g. AOF settings).
+    pub async fn start_with(extra: &[&str]) -> Self {
+        let mut server = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        server.restart().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and waits until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// (Re)starts the server on the same port and data folder, and waits until it answers.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("redis-server")
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--dir"])
+            .arg(self.dir.path())
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be on PATH (see README: ./scripts/test installs it)");
+        self.child = Some(child);
+        let url = self.url();
+        eventually("redis-server to answer", || {
+            let url = url.clone();
+            async move {
+                let client = redis::Client::open(url).ok()?;
+                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Every entry of a stream, oldest first.
+    pub async fn entries(&self, stream: &str) -> Vec<RawEntry> {
+        let mut conn = self.conn().await;
+        let value: redis::Value = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        parse_entries(&value)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Signs a token as the platform does (no `exp`).
+pub fn token(user_id: &str, email: &str) -> String {
+    mint_token(SECRET.as_bytes(), user_id, email, None).unwrap()
+}
+
+/// The settings a test app runs with; tests change what they need.
+pub fn test_vars(queue: &RedisServer, engine: &RedisServer, db: &Path) -> Vec<(String, String)> {
+    [
+        ("LISTEN_ADDR", "127.0.0.1:0".to_string()),
+        ("METRICS_ADDR", "127.0.0.1:0".to_string()),
+        ("JWT_SECRET", SECRET.to_string()),
+        ("REDIS_URL", queue.url()),
+        ("ENGINE_REDIS_URL", engine.url()),
+        ("DATABASE_PATH", db.display().to_string()),
+        ("WORKER_BLOCK_MS", "200".to_string()),
+        ("RETRY_INITIAL_MS", "20".to_string()),
+        ("RETRY_MAX_MS", "200".to_string()),
+        ("SHUTDOWN_GRACE_SECS", "5".to_string()),
+        ("ENSURE_WAIT_MS", "5000".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+pub fn set(vars: &mut Vec<(String, String)>, name: &str, value: &str) {
+    vars.retain(|(k, _)| k != name);
+    vars.push((name.to_string(), value.to_string()));
+}
+
+/// One application under test, with its own Redis servers and SQLite file.
+pub struct TestApp {
+    pub address: SocketAddr,
+    pub metrics_address: SocketAddr,
+    pub queue: RedisServer,
+    /// The Engine's Redis: its own server, so a test can stop it alone.
+    pub engine: RedisServer,
+    pub db_path: PathBuf,
+    pub client: reqwest::Client,
+    pub stop: CancellationToken,
+    pub running: JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Spawns `serve` in-process with settings changed by `adjust`.
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Vec<(String, String)>)) -> TestApp {
+    let queue = RedisServer::start().await;
+    let engine = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("data").join("users.db");
+    let mut vars = test_vars(&queue, &engine, &db_path);
+    adjust(&mut vars);
+    let config = Config::from_vars(vars).expect("test settings are valid");
+    let app = Application::build(config, Mode::Serve)
+        .await
+        .expect("app builds");
+    let address = app.address();
+    let metrics_address = app.metrics_address();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
+    TestApp {
+        address,
+        metrics_address,
+        queue,
+        engine,
+        db_path,
+        client: reqwest::Client::new(),
+        stop,
+        running,
+        _dir: dir,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.address, path)
+    }
+
+    /// `POST /api/v1/auth/ensure-user` with a bearer token.
+    pub async fn ensure(&self, token: &str) -> reqwest::Response {
+        self.ensure_with_header(Some(&format!("Bearer {token}")))
+            .await
+    }
+
+    /// `POST /api/v1/auth/ensure-user` with this `Authorization` value (or none).
+    pub async fn ensure_with_header(&self, authorization: Option<&str>) -> reqwest::Response {
+        let mut req = self.client.post(self.url(ENSURE_PATH));
+        if let Some(value) = authorization {
+            req = req.header("Authorization", value);
+        }
+        req.send().await.expect("request sent")
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Every `(user_id, email)` row, ordered by user id.
+    pub fn rows(&self) -> Vec<(String, String)> {
+        rows(&self.db_path)
+    }
+
+    pub async fn engine_entries(&self) -> Vec<RawEntry> {
+        self.engine.entries("stream:exness").await
+    }
+
+    /// Waits until the Engine stream has at least `n` entries, and returns them.
+    pub async fn wait_for_engine_entries(&self, n: usize) -> Vec<RawEntry> {
+        eventually(&format!("{n} Engine entries"), || async {
+            let entries = self.engine_entries().await;
+            (entries.len() >= n).then_some(entries)
+        })
+        .await
+    }
+
+    /// Stops the app as SIGTERM would, and waits for it to finish.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.running.await.unwrap()
+    }
+}
+
+pub fn rows(db: &Path) -> Vec<(String, String)> {
+    if !db.exists() {
+        return Vec::new();
+    }
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT user_id, email FROM users ORDER BY user_id")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// The `message` field of an Engine entry, checking it is the entry's only field.
+pub fn engine_message(entry: &RawEntry) -> String {
+    let fields = entry.fields.as_ref().expect("entry has fields");
+    assert_eq!(
+        fields.len(),
+        1,
+        "an Engine entry has exactly one field: {fields:?}"
+    );
+    assert_eq!(fields[0].0, "message");
+    String::from_utf8(fields[0].1.clone()).unwrap()
+}
+
+/// The exact command the Engine must receive.
+pub fn expected_command(user_id: &str, email: &str, request_id: &str) -> String {
+    format!(
+        r#"{{"function":"createUser","userId":"{user_id}","userEmail":"{email}","requestId":"{request_id}"}}"#
+    )
+}
+
+/// The built `ensure-user` binary, run as a child process with the given settings.
+pub struct Process {
+    pub child: Child,
+    pub address: SocketAddr,
+}
+
+impl Process {
+    pub async fn spawn(args: &[&str], vars: &[(String, String)]) -> Self {
+        let port = free_port();
+        let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ensure-user"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("LISTEN_ADDR", address.to_string())
+            .env("METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let process = Self { child, address };
+        let client = reqwest::Client::new();
+        let url = format!("http://{address}/healthz");
+        eventually("the process to answer /healthz", || async {
+            client
+                .get(&url)
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+        })
+        .await;
+        process
+    }
+
+    /// Sends SIGTERM and returns the exit status once the process has exited.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        eventually("the process to exit", || {
+            let status = self.child.try_wait().unwrap();
+            async move { status }
+        })
+        .await
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

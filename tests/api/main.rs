@@ -1,0 +1,9 @@
+//! End-to-end tests: the real HTTP endpoint, real `redis-server` processes (one per test,
+//! on free ports), a real SQLite file.
+
+mod auth;
+mod ensure;
+mod faults;
+mod helpers;
+mod http;
+mod processes;

@@ -1,0 +1,112 @@
+//! The built binary: split deployment, bad settings, SIGTERM.
+
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn listen_and_work_as_separate_processes_answer_200() {
+    let queue = RedisServer::start().await;
+    let engine = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let vars = test_vars(&queue, &engine, &db);
+    let listener = Process::spawn(&["listen"], &vars).await;
+    let worker = Process::spawn(&["work"], &vars).await;
+    let client = reqwest::Client::new();
+
+    for i in 0..5 {
+        let response = client
+            .post(format!("http://{}{ENSURE_PATH}", listener.address))
+            .bearer_auth(token(
+                &format!("split-{i}"),
+                &format!("split-{i}@example.com"),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "request {i}");
+        let json: Value = response.json().await.unwrap();
+        assert_eq!(json["userId"], format!("split-{i}"));
+    }
+
+    assert_eq!(rows(&db).len(), 5);
+    assert_eq!(engine.entries("stream:exness").await.len(), 5);
+    // The worker process serves readiness for its own dependencies.
+    let ready = client
+        .get(format!("http://{}/readyz", worker.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    assert!(worker.terminate().await.success());
+    assert!(listener.terminate().await.success());
+}
+
+#[tokio::test]
+async fn bad_settings_stop_the_process_with_one_line() {
+    let cases = [
+        (
+            vec![("JWT_SECRET", "s"), ("PORT", "eighty")],
+            "configuration error: PORT: ",
+        ),
+        (
+            vec![("JWT_SECRET", "s"), ("ENSURE_WAIT_MS", "soon")],
+            "configuration error: ENSURE_WAIT_MS: ",
+        ),
+        (vec![], "configuration error: JWT_SECRET: "),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (vars, expected) in cases {
+        let output = Command::new(env!("CARGO_BIN_EXE_ensure-user"))
+            .arg("serve")
+            .env_clear()
+            .current_dir(dir.path())
+            .envs(vars.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{vars:?}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with(expected), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn token_command_prints_a_token_the_service_accepts() {
+    let output = Command::new(env!("CARGO_BIN_EXE_ensure-user"))
+        .args([
+            "token",
+            "--user-id",
+            "cli-user",
+            "--email",
+            "cli@example.com",
+            "--ttl",
+            "600",
+        ])
+        .env_clear()
+        .env("JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let token = String::from_utf8(output.stdout).unwrap().trim().to_string();
+    let app = spawn_app().await;
+    let response = app.ensure(&token).await;
+    assert_eq!(response.status(), 200);
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_stops_serve_with_exit_0() {
+    let queue = RedisServer::start().await;
+    let engine = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let vars = test_vars(&queue, &engine, &dir.path().join("users.db"));
+    let process = Process::spawn(&["serve"], &vars).await;
+    let status = process.terminate().await;
+    assert_eq!(status.code(), Some(0));
+}
