@@ -15,14 +15,17 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, EngineConfirm};
+use crate::engine::confirm::{self, Confirmations};
 use crate::engine::EnginePublisher;
 use crate::http::auth::Authenticator;
 use crate::http::listener::{self, ConnectionLimits, Site};
 use crate::http::routes::{ApiState, Readiness};
+use crate::queue::status::StatusKeys;
 use crate::queue::{self, ingress, outcome};
 use crate::store::SqliteStore;
 use crate::telemetry;
+use crate::worker::job::EngineConfirmation;
 use crate::worker::retry::RetryPolicy;
 use crate::worker::runner::PoolSettings;
 use crate::worker::{WorkerContext, WorkerPool};
@@ -83,7 +86,7 @@ impl Application {
         )
         .await
         {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => warn_unless_durable(&queue_conn).await,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "queue Redis is not answering; ensure requests get 503 until it does")
             }
@@ -92,6 +95,10 @@ impl Application {
             ),
         }
 
+        let status = StatusKeys {
+            ensure_stream: config.ensure_stream.clone(),
+            ttl_secs: config.outcome_ttl_secs,
+        };
         let mut readiness = Readiness {
             queue: queue_conn.clone(),
             engine: None,
@@ -105,6 +112,11 @@ impl Application {
             let local = mode
                 .listens()
                 .then(|| (listener_id.clone(), Arc::clone(&waiters)));
+            let confirm =
+                (config.engine_confirm == EngineConfirm::Ack).then(|| EngineConfirmation {
+                    confirmations: Arc::new(Confirmations::default()),
+                    timeout: config.engine_confirm_timeout,
+                });
             Some(Arc::new(WorkerContext {
                 store,
                 engine: EnginePublisher::new(
@@ -112,6 +124,9 @@ impl Application {
                     config.engine_stream.clone(),
                     Duration::from_secs(2),
                 ),
+                confirm,
+                status: status.clone(),
+                max_deliveries: config.max_deliveries,
                 queue: queue_conn.clone(),
                 outcomes: outcome::OutcomeBus::new(
                     local,
@@ -138,12 +153,15 @@ impl Application {
                     queue_conn.clone(),
                     config.ensure_stream.clone(),
                     config.enqueue_timeout,
+                    status.clone(),
                 )
             }),
             waiters,
             listener_id,
             wait: config.ensure_wait,
             readiness,
+            backlog: Arc::default(),
+            max_backlog: config.queue_max_backlog,
             shutdown: shutdown.clone(),
         });
         Ok(Self {
@@ -196,6 +214,10 @@ impl Application {
             self.shutdown.clone(),
         ));
         if self.mode.listens() {
+            tracker.spawn(crate::http::routes::sample_backlog(
+                Arc::clone(&self.api),
+                Duration::from_millis(250),
+            ));
             let client = redis::Client::open(self.config.redis_url.as_str())?;
             tracker.spawn(outcome::run_subscriber(
                 client,
@@ -205,6 +227,15 @@ impl Application {
             ));
         }
         if let Some(ctx) = &self.worker {
+            if let Some(confirm) = &ctx.confirm {
+                // Its own connection: the reader blocks on XREAD.
+                tracker.spawn(confirm::run_reply_reader(
+                    queue::connect(&self.config.engine_redis_url, Duration::from_secs(3))?,
+                    self.config.engine_reply_stream.clone(),
+                    Arc::clone(&confirm.confirmations),
+                    self.shutdown.clone(),
+                ));
+            }
             WorkerPool::new(
                 Arc::clone(ctx),
                 PoolSettings {
@@ -230,6 +261,33 @@ impl Application {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Logs a warning when the queue's Redis would lose acknowledged entries on a restart.
+async fn warn_unless_durable(conn: &redis::aio::ConnectionManager) {
+    let mut conn = conn.clone();
+    let settings: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("append*")
+        .query_async(&mut conn)
+        .await;
+    let Ok(settings) = settings else {
+        tracing::warn!("cannot read the queue Redis's persistence settings (CONFIG GET refused); make sure it runs with appendonly yes");
+        return;
+    };
+    let get = |name: &str| {
+        settings
+            .chunks(2)
+            .find(|kv| kv[0] == name)
+            .and_then(|kv| kv.get(1).cloned())
+            .unwrap_or_default()
+    };
+    match (get("appendonly").as_str(), get("appendfsync").as_str()) {
+        ("yes", "always") => tracing::info!("queue Redis persists every write (appendonly yes, appendfsync always)"),
+        ("yes", "everysec") => tracing::warn!("queue Redis fsyncs once a second (appendfsync everysec): a 2xx from the last second may be lost if its host crashes"),
+        ("yes", other) => tracing::warn!(appendfsync = other, "queue Redis leaves fsync to the OS: recent 2xx answers may be lost if its host crashes"),
+        _ => tracing::warn!("queue Redis runs without AOF (appendonly no): a 2xx will NOT survive a Redis restart; run it with --appendonly yes --appendfsync always"),
     }
 }
 

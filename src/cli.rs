@@ -35,6 +35,16 @@ pub enum Command {
     /// Inspect and re-queue dead letters.
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
+    /// A reference Engine: reads ENGINE_STREAM as the real one does, answers on
+    /// ENGINE_REPLY_STREAM.
+    EngineStub {
+        /// Drop this many replies first (to exercise ENGINE_CONFIRM=ack).
+        #[arg(long, default_value_t = 0)]
+        drop_replies: u64,
+        /// Read the Engine stream from its start instead of its end.
+        #[arg(long)]
+        from_start: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

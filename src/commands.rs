@@ -23,6 +23,10 @@ pub async fn run(cli: Cli) -> ExitCode {
             ttl,
         } => token(&user_id, &email, ttl),
         Command::DeadLetters(command) => dead_letters(command).await,
+        Command::EngineStub {
+            drop_replies,
+            from_start,
+        } => engine_stub(drop_replies, from_start).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -44,6 +48,34 @@ async fn serve(mode: Mode) -> anyhow::Result<()> {
     telemetry::init_logging(config.log_format);
     let app = Application::build(config, mode).await?;
     app.run_until_stopped(shutdown_signal()).await
+}
+
+async fn engine_stub(drop_replies: u64, from_start: bool) -> anyhow::Result<()> {
+    // The stub needs only the Engine's side of the settings; no token secret.
+    let url = std::env::var("ENGINE_REDIS_URL")
+        .or_else(|_| std::env::var("REDIS_URL"))
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let var =
+        |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
+    telemetry::init_logging(crate::config::LogFormat::Text);
+    let conn = queue::connect(&url, std::time::Duration::from_secs(3))?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stop.cancel();
+    });
+    crate::engine::stub::run(
+        conn,
+        crate::engine::stub::StubSettings {
+            engine_stream: var("ENGINE_STREAM", "stream:exness"),
+            reply_stream: var("ENGINE_REPLY_STREAM", "stream:exnessReceive"),
+            drop_replies,
+            from_start,
+        },
+        shutdown,
+    )
+    .await
 }
 
 fn token(user_id: &str, email: &str, ttl: Option<u64>) -> anyhow::Result<()> {

@@ -64,6 +64,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// How a worker knows the Engine has the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineConfirm {
+    /// A successful XADD to the Engine stream counts as delivery.
+    Publish,
+    /// Wait for the Engine's correlated reply; republish when it does not come.
+    Ack,
+}
+
 /// Everything `serve`, `listen` and `work` need.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -88,6 +97,14 @@ pub struct Config {
     pub worker_block: Duration,
     /// Pending entries idle this long are taken over by another consumer.
     pub claim_idle: Duration,
+    /// Deliveries after which an entry that never finishes is dead-lettered.
+    pub max_deliveries: u64,
+    /// How long request status records are kept.
+    pub outcome_ttl_secs: u64,
+    /// Unacknowledged entries above which new requests are refused with 503.
+    pub queue_max_backlog: u64,
+    pub engine_confirm: EngineConfirm,
+    pub engine_confirm_timeout: Duration,
     pub retry_initial: Duration,
     pub retry_max: Duration,
     pub shutdown_grace: Duration,
@@ -270,6 +287,20 @@ impl Config {
             }
         };
         let ensure_stream = s.string("ENSURE_STREAM", "stream:ensure-user");
+        let engine_confirm = match s
+            .string("ENGINE_CONFIRM", "publish")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "publish" => EngineConfirm::Publish,
+            "ack" => EngineConfirm::Ack,
+            other => {
+                return Err(ConfigError::new(
+                    "ENGINE_CONFIRM",
+                    format!("{other:?} is not publish or ack"),
+                ))
+            }
+        };
         Ok(Config {
             listen_addr,
             metrics_addr,
@@ -287,6 +318,11 @@ impl Config {
             worker_batch_size: s.positive("WORKER_BATCH_SIZE", 256)?,
             worker_block,
             claim_idle,
+            max_deliveries: s.positive("MAX_DELIVERIES", 10)? as u64,
+            outcome_ttl_secs: s.positive("OUTCOME_TTL_SECS", 86_400)? as u64,
+            queue_max_backlog: s.positive("QUEUE_MAX_BACKLOG", 1_000_000)? as u64,
+            engine_confirm,
+            engine_confirm_timeout: s.millis("ENGINE_CONFIRM_TIMEOUT_MS", 5000)?,
             retry_initial,
             retry_max,
             shutdown_grace: Duration::from_secs(s.parse(
@@ -350,6 +386,9 @@ mod tests {
             (&[("LISTEN_ADDR", "localhost")], "LISTEN_ADDR"),
             (&[("LOG_FORMAT", "xml")], "LOG_FORMAT"),
             (&[("WORKER_BLOCK_MS", "0")], "WORKER_BLOCK_MS"),
+            (&[("CLAIM_IDLE_MS", "10")], "CLAIM_IDLE_MS"),
+            (&[("ENGINE_CONFIRM", "maybe")], "ENGINE_CONFIRM"),
+            (&[("MAX_DELIVERIES", "0")], "MAX_DELIVERIES"),
         ];
         for (vars, setting) in cases {
             let err = with(vars).unwrap_err();

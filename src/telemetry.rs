@@ -25,6 +25,9 @@ pub const ENQUEUE_TO_DONE_SECONDS: &str = "ensure_user_enqueue_to_done_seconds";
 pub const SQLITE_TXN_SECONDS: &str = "ensure_user_sqlite_transaction_seconds";
 pub const ENGINE_PUBLISH_SECONDS: &str = "ensure_user_engine_publish_seconds";
 pub const ENGINE_PUBLISH_FAILURES: &str = "ensure_user_engine_publish_failures_total";
+pub const ENGINE_REPUBLISHED: &str = "ensure_user_engine_republished_total";
+pub const BACKLOG_REFUSALS: &str = "ensure_user_backlog_refusals_total";
+pub const QUEUE_BACKLOG: &str = "ensure_user_queue_backlog";
 pub const BUILD_INFO: &str = "ensure_user_build_info";
 
 const LATENCY_BUCKETS: &[f64] = &[

@@ -4,7 +4,9 @@
 //! is the only place that knows it.
 
 pub mod command;
+pub mod confirm;
 pub mod publisher;
+pub mod stub;
 
 pub use command::EngineCommand;
 pub use publisher::EnginePublisher;

@@ -30,6 +30,8 @@ pub enum ApiError {
     Auth(#[from] AuthError),
     #[error("the queue is unavailable")]
     QueueUnavailable,
+    #[error("the queue's backlog is over its limit")]
+    Backlog,
     #[error("the request failed for good")]
     Failed,
     #[error("not found")]
@@ -58,6 +60,15 @@ impl ApiError {
                 );
                 r.headers_mut()
                     .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
+            ApiError::Backlog => {
+                let mut r = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "The ensure queue is full; please retry shortly.",
+                );
+                r.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("5"));
                 r
             }
             ApiError::Failed => error(

@@ -4,6 +4,7 @@
 //! wait (bounded) for the worker's outcome. The waiter is registered before the XADD so
 //! an outcome that arrives before the XADD's answer is not missed.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,7 +76,45 @@ pub struct ApiState {
     pub listener_id: String,
     pub wait: Duration,
     pub readiness: Readiness,
+    /// Unacknowledged entries, as last sampled by [`sample_backlog`].
+    pub backlog: Arc<AtomicU64>,
+    pub max_backlog: u64,
     pub shutdown: CancellationToken,
+}
+
+/// Samples the ingress backlog every `every` until shutdown: the request path then only
+/// reads a number instead of asking Redis each time.
+pub async fn sample_backlog(state: Arc<ApiState>, every: Duration) {
+    let Some(ingress) = &state.ingress else {
+        return;
+    };
+    let mut over = false;
+    loop {
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), ingress.backlog()).await {
+            state.backlog.store(n, Ordering::Relaxed);
+            metrics::gauge!(telemetry::QUEUE_BACKLOG).set(n as f64);
+            let now_over = n > state.max_backlog;
+            if now_over != over {
+                if now_over {
+                    tracing::warn!(
+                        backlog = n,
+                        limit = state.max_backlog,
+                        "backlog over QUEUE_MAX_BACKLOG; refusing new requests with 503"
+                    );
+                } else {
+                    tracing::info!(
+                        backlog = n,
+                        "backlog back under QUEUE_MAX_BACKLOG; accepting requests"
+                    );
+                }
+                over = now_over;
+            }
+        }
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
 }
 
 /// Answers one request; never fails (every error is an answer).
@@ -128,11 +167,10 @@ async fn dispatch(state: &ApiState, req: Request<Incoming>) -> Result<HttpRespon
         ("readyz", Method::GET | Method::HEAD) => {
             Ok(responses::readiness(&state.readiness.failing().await))
         }
-        ("healthz" | "readyz" | "request_status", _) if req.method() != Method::GET => {
+        ("request_status", Method::GET) => request_status(state, req).await,
+        ("healthz" | "readyz" | "request_status", _) => {
             Err(ApiError::MethodNotAllowed { allow: "GET" })
         }
-        // Request status records arrive with the fault-tolerance work; until then every
-        // id is unknown, which the contract answers with 404.
         _ => Err(ApiError::NotFound),
     }
 }
@@ -156,6 +194,40 @@ async fn discard_body(mut body: Incoming) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `GET …/requests/<id>`: the request's state, for the user who made it only.
+async fn request_status(
+    state: &ApiState,
+    req: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let identity = state.auth.authenticate(req.headers())?;
+    let Some(ingress) = &state.ingress else {
+        return Err(ApiError::NotFound);
+    };
+    let request_id = req.uri().path()[REQUESTS_PREFIX.len()..].to_string();
+    if request_id.is_empty()
+        || request_id.len() > 64
+        || !request_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(ApiError::NotFound);
+    }
+    let record = tokio::time::timeout(
+        Duration::from_secs(1),
+        ingress.status().fetch(ingress.connection(), &request_id),
+    )
+    .await
+    .map_err(|_| ApiError::QueueUnavailable)?
+    .map_err(|_| ApiError::QueueUnavailable)?;
+    match record {
+        // Another user's request is answered exactly like an unknown one.
+        Some(record) if record.owner == identity.user_id => {
+            Ok(responses::json(StatusCode::OK, &record))
+        }
+        _ => Err(ApiError::NotFound),
+    }
+}
+
 async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
     let (parts, body) = req.into_parts();
     discard_body(body)
@@ -168,6 +240,11 @@ async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse
     let Some(ingress) = &state.ingress else {
         return Err(ApiError::NotFound);
     };
+    if state.backlog.load(Ordering::Relaxed) > state.max_backlog {
+        metrics::counter!(telemetry::BACKLOG_REFUSALS).increment(1);
+        answer("backlog");
+        return Err(ApiError::Backlog);
+    }
     let waits = !state.wait.is_zero();
     let request = EnsureRequest {
         request_id: uuid::Uuid::new_v4().simple().to_string(),

@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use redis::aio::ConnectionManager;
 
+use super::status::FailureHistory;
 use super::RawEntry;
 
 /// Fields a dead letter adds to the original entry's.
@@ -32,11 +33,22 @@ pub fn now_millis() -> u64 {
 pub struct DeadLetter {
     pub entry: RawEntry,
     pub reason: String,
-    pub deliveries: u64,
     pub first_failed_at_ms: u64,
+    pub last_failed_at_ms: u64,
 }
 
 impl DeadLetter {
+    /// A dead letter for `entry`; the failure history, when known, dates its first failure.
+    pub fn new(entry: RawEntry, reason: String, history: Option<&FailureHistory>) -> Self {
+        let now = now_millis();
+        Self {
+            entry,
+            reason,
+            first_failed_at_ms: history.map_or(now, |h| h.first_at_ms),
+            last_failed_at_ms: now,
+        }
+    }
+
     /// Adds the XADD of this dead letter to a pipeline (the caller acks in the same MULTI).
     pub fn add_to(&self, pipe: &mut redis::Pipeline, dead_stream: &str) {
         let cmd = pipe.cmd("XADD").arg(dead_stream).arg("*");
@@ -48,11 +60,11 @@ impl DeadLetter {
         cmd.arg(fields::REASON)
             .arg(&self.reason)
             .arg(fields::DELIVERIES)
-            .arg(self.deliveries)
+            .arg(self.entry.deliveries)
             .arg(fields::FIRST_FAILED_AT)
             .arg(self.first_failed_at_ms)
             .arg(fields::LAST_FAILED_AT)
-            .arg(now_millis())
+            .arg(self.last_failed_at_ms)
             .arg(fields::ORIGINAL_ID)
             .arg(&self.entry.id)
             .ignore();

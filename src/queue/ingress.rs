@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
+use super::status::{RequestRecord, RequestState, StatusKeys};
 use super::RawEntry;
 
 /// Field names of an ingress entry.
@@ -101,32 +102,69 @@ pub struct Ingress {
     conn: ConnectionManager,
     stream: String,
     timeout: Duration,
+    status: StatusKeys,
 }
 
 impl Ingress {
-    pub fn new(conn: ConnectionManager, stream: String, timeout: Duration) -> Self {
+    pub fn new(
+        conn: ConnectionManager,
+        stream: String,
+        timeout: Duration,
+        status: StatusKeys,
+    ) -> Self {
         Self {
             conn,
             stream,
             timeout,
+            status,
         }
     }
 
-    /// Appends the request and returns its entry id once Redis has answered.
+    /// Appends the request, with its `queued` status record in the same MULTI (one round
+    /// trip), and returns the entry id once Redis has answered.
     ///
     /// On a timeout the command is abandoned: if it was never sent it never will be. The one
     /// ambiguous case (sent, but the answer lost) is described in the README.
     pub async fn enqueue(&self, request: &EnsureRequest) -> Result<String, EnqueueError> {
         let mut conn = self.conn.clone();
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(&self.stream).arg("*");
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let xadd = pipe.cmd("XADD").arg(&self.stream).arg("*");
         for (name, value) in request.to_fields() {
-            cmd.arg(name).arg(value);
+            xadd.arg(name).arg(value);
         }
-        match tokio::time::timeout(self.timeout, cmd.query_async::<String>(&mut conn)).await {
-            Ok(result) => Ok(result?),
+        self.status.add_record(
+            &mut pipe,
+            &RequestRecord {
+                request_id: request.request_id.clone(),
+                state: RequestState::Queued,
+                user_id: None,
+                reason: None,
+                last_error: None,
+                owner: request.user_id.clone(),
+            },
+        );
+        match tokio::time::timeout(self.timeout, pipe.query_async::<(String,)>(&mut conn)).await {
+            Ok(result) => Ok(result?.0),
             Err(_) => Err(EnqueueError::Timeout(self.timeout)),
         }
+    }
+
+    /// Entries not yet acknowledged (acknowledged entries are deleted, so this is XLEN).
+    pub async fn backlog(&self) -> redis::RedisResult<u64> {
+        let mut conn = self.conn.clone();
+        redis::cmd("XLEN")
+            .arg(&self.stream)
+            .query_async(&mut conn)
+            .await
+    }
+
+    pub fn status(&self) -> &StatusKeys {
+        &self.status
+    }
+
+    pub fn connection(&self) -> &ConnectionManager {
+        &self.conn
     }
 }
 
@@ -160,6 +198,7 @@ mod tests {
     fn entry_of(request: &EnsureRequest) -> RawEntry {
         RawEntry {
             id: "1-0".into(),
+            deliveries: 1,
             fields: Some(
                 request
                     .to_fields()
@@ -220,6 +259,7 @@ mod tests {
         for (fields, expected) in cases {
             let entry = RawEntry {
                 id: "1-0".into(),
+                deliveries: 1,
                 fields: fields.map(|f| {
                     f.into_iter()
                         .map(|(k, v)| (k.to_string(), v.to_vec()))

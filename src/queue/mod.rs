@@ -2,11 +2,13 @@
 //!
 //! - [`ingress`]: what one ensure request looks like on the stream, and putting it there;
 //! - [`outcome`]: carrying a finished request's result back to the listener that waits;
-//! - [`dead_letters`]: where entries go that can never succeed, and how they come back.
+//! - [`dead_letters`]: where entries go that can never succeed, and how they come back;
+//! - [`status`]: the per-request records behind `GET …/requests/<id>`, and failure history.
 
 pub mod dead_letters;
 pub mod ingress;
 pub mod outcome;
+pub mod status;
 
 use std::time::Duration;
 
@@ -38,12 +40,36 @@ pub async fn ping(conn: &ConnectionManager, timeout: Duration) -> bool {
     matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(_)))
 }
 
+/// The id of a stream's newest entry (`0-0` when empty): where a reader that wants only
+/// what comes next starts. Unlike `$`, it can be reused across reads without missing the
+/// entries that arrive between them.
+pub async fn stream_end_id(
+    conn: &mut ConnectionManager,
+    stream: &str,
+) -> redis::RedisResult<String> {
+    let last: Value = redis::cmd("XREVRANGE")
+        .arg(stream)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    Ok(parse_entries(&last)
+        .into_iter()
+        .next()
+        .map(|e| e.id)
+        .unwrap_or_else(|| "0-0".into()))
+}
+
 /// One stream entry as read, before it is decoded into a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawEntry {
     pub id: String,
     /// `None` when the entry was deleted while still pending (Redis answers nil fields).
     pub fields: Option<Vec<(String, Vec<u8>)>>,
+    /// How many times the group has delivered it, this delivery included.
+    pub deliveries: u64,
 }
 
 impl RawEntry {
@@ -92,7 +118,11 @@ fn parse_entry(value: &Value) -> Option<RawEntry> {
         ),
         _ => None,
     };
-    Some(RawEntry { id, fields })
+    Some(RawEntry {
+        id,
+        fields,
+        deliveries: 1,
+    })
 }
 
 /// Parses a list of entries, as XRANGE or one stream of XREAD answers it.

@@ -18,11 +18,15 @@ pub enum StepError {
     Permanent(String),
 }
 
-/// Why a batch was left unfinished. Its entries stay pending and will be read again.
+/// Why a step did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
+    /// Shutdown came first; the batch's entries stay pending and will be read again.
     #[error("shutdown while {step} was being retried")]
     Abandoned { step: &'static str },
+    /// The step can never succeed for these entries.
+    #[error("{step} failed for good: {reason}")]
+    Permanent { step: &'static str, reason: String },
 }
 
 /// The backoff settings of a worker.
@@ -51,7 +55,7 @@ impl RetryPolicy {
         step: &'static str,
         shutdown: &CancellationToken,
         mut op: F,
-    ) -> Result<Result<T, String>, JobError>
+    ) -> Result<T, JobError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StepError>>,
@@ -70,7 +74,9 @@ impl RetryPolicy {
             tracing::warn!(step, %error, retry_in_ms = wait.as_millis() as u64, "step failed; retrying");
         };
         tokio::select! {
-            result = backoff::future::retry_notify(self.backoff(), attempt, notify) => Ok(result),
+            result = backoff::future::retry_notify(self.backoff(), attempt, notify) => {
+                result.map_err(|reason| JobError::Permanent { step, reason })
+            }
             _ = shutdown.cancelled() => Err(JobError::Abandoned { step }),
         }
     }
@@ -101,21 +107,22 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(result, Ok(7));
+        assert_eq!(result, 7);
         assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
 
     #[tokio::test]
     async fn permanent_failures_stop_at_once() {
         let calls = AtomicU32::new(0);
-        let result: Result<(), String> = policy()
+        let result: Result<(), JobError> = policy()
             .run("test", &CancellationToken::new(), || async {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Err(StepError::Permanent("never".into()))
             })
-            .await
-            .unwrap();
-        assert_eq!(result, Err("never".into()));
+            .await;
+        assert!(
+            matches!(result, Err(JobError::Permanent { step: "test", reason }) if reason == "never")
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 

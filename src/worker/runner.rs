@@ -9,6 +9,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backoff::backoff::Backoff as _;
 use futures_util::FutureExt as _;
 use redis::aio::ConnectionManager;
 use redis::Value;
@@ -81,7 +82,7 @@ struct Consumer {
 impl Consumer {
     async fn run(mut self) {
         let shutdown = self.ctx.shutdown.clone();
-        let mut failures = 0u32;
+        let mut read_backoff = self.ctx.retry.backoff();
         let mut group_ready = false;
         let mut last_claim = Instant::now() - self.settings.claim_idle;
         tracing::info!(consumer = %self.name, "worker started");
@@ -98,24 +99,23 @@ impl Consumer {
                     let claimed = self.claim().await?;
                     if !claimed.is_empty() {
                         tracing::info!(consumer = %self.name, count = claimed.len(), "re-claimed idle entries");
-                        return Ok::<_, redis::RedisError>((claimed, 2));
+                        return Ok::<_, redis::RedisError>(claimed);
                     }
                 }
-                Ok((self.read().await?, 1))
+                self.read().await
             };
             match step.await {
-                Ok((entries, deliveries)) => {
-                    failures = 0;
+                Ok(entries) => {
+                    read_backoff.reset();
                     if !entries.is_empty() {
-                        self.process(entries, deliveries).await;
+                        self.process(entries).await;
                     }
                 }
                 Err(e) => {
                     if e.code() == Some("NOGROUP") {
                         group_ready = false;
                     }
-                    failures += 1;
-                    let wait = backoff_wait(failures);
+                    let wait = read_backoff.next_backoff().unwrap_or(self.ctx.retry.max);
                     tracing::warn!(consumer = %self.name, error = %e, retry_in_ms = wait.as_millis() as u64, "cannot read the queue");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -144,29 +144,50 @@ impl Consumer {
         Ok(queue::parse_read_reply(&reply))
     }
 
-    /// Takes over entries another consumer read but did not finish within `claim_idle`.
+    /// Takes over entries another consumer read but did not finish within `claim_idle`
+    /// (it crashed, or is stuck), with their delivery counts.
     async fn claim(&mut self) -> redis::RedisResult<Vec<RawEntry>> {
-        let reply: Value = redis::cmd("XAUTOCLAIM")
+        let idle = self.settings.claim_idle.as_millis() as u64;
+        let pending: Value = redis::cmd("XPENDING")
             .arg(&self.ctx.ensure_stream)
             .arg(&self.ctx.group)
-            .arg(&self.name)
-            .arg(self.settings.claim_idle.as_millis() as u64)
-            .arg("0-0")
-            .arg("COUNT")
+            .arg("IDLE")
+            .arg(idle)
+            .arg("-")
+            .arg("+")
             .arg(self.settings.batch_size)
             .query_async(&mut self.conn)
             .await?;
-        Ok(match &reply {
-            Value::Array(parts) if parts.len() >= 2 => queue::parse_entries(&parts[1]),
-            _ => Vec::new(),
-        })
+        let counts = parse_pending(&pending);
+        if counts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(&self.ctx.ensure_stream)
+            .arg(&self.ctx.group)
+            .arg(&self.name)
+            .arg(idle);
+        for (id, _) in &counts {
+            cmd.arg(id);
+        }
+        // Only entries still idle are taken: a consumer that just got to one keeps it.
+        let claimed: Value = cmd.query_async(&mut self.conn).await?;
+        let mut entries = queue::parse_entries(&claimed);
+        for entry in &mut entries {
+            let before = counts
+                .iter()
+                .find(|(id, _)| *id == entry.id)
+                .map_or(1, |(_, n)| *n);
+            entry.deliveries = before + 1;
+        }
+        Ok(entries)
     }
 
-    async fn process(&self, entries: Vec<RawEntry>, deliveries: u64) {
+    async fn process(&self, entries: Vec<RawEntry>) {
         let count = entries.len();
         // A panic in a batch is a bug, not a reason to lose the consumer: count it and move
         // on; the entries stay pending and are re-claimed later.
-        let result = AssertUnwindSafe(self.ctx.try_process_batch(entries, deliveries))
+        let result = AssertUnwindSafe(self.ctx.try_process_batch(entries))
             .catch_unwind()
             .await;
         match result {
@@ -182,7 +203,19 @@ impl Consumer {
     }
 }
 
-fn backoff_wait(failures: u32) -> Duration {
-    let exp = Duration::from_millis(100u64.saturating_mul(1 << failures.min(6)));
-    exp.min(Duration::from_secs(5))
+/// `(entry id, times delivered)` from an extended XPENDING answer.
+fn parse_pending(value: &Value) -> Vec<(String, u64)> {
+    let Value::Array(rows) = value else {
+        return Vec::new();
+    };
+    rows.iter()
+        .filter_map(|row| match row {
+            Value::Array(f) if f.len() >= 4 => {
+                let id = redis::from_redis_value_ref::<String>(&f[0]).ok()?;
+                let n = redis::from_redis_value_ref::<u64>(&f[3]).ok()?;
+                Some((id, n))
+            }
+            _ => None,
+        })
+        .collect()
 }

@@ -1,0 +1,190 @@
+//! Request status records and failure history, kept in the queue's Redis.
+//!
+//! A record per request (`<ENSURE_STREAM>:request:<requestId>`, JSON, expiring after
+//! `OUTCOME_TTL_SECS`) answers `GET /api/v1/auth/ensure-user/requests/<id>`. The listener
+//! writes `queued` in the same MULTI as the XADD (still one round trip); workers move it to
+//! `retrying`, `done` or `dead` in their own pipelines. Records expire by themselves.
+//!
+//! The failure history (`<ENSURE_STREAM>:failures`, a hash keyed by entry id) remembers when
+//! an entry first and last failed and why, across deliveries and processes, so a dead
+//! letter can say so. It is written only on failure and cleared on acknowledgement.
+
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+
+use super::dead_letters::now_millis;
+
+/// Where a request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestState {
+    Queued,
+    Retrying,
+    Done,
+    Dead,
+}
+
+/// What `GET …/requests/<id>` answers (and what is stored, plus the owner).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    #[serde(rename = "requestId")]
+    pub request_id: String,
+    pub state: RequestState,
+    /// The canonical user id, once done.
+    #[serde(rename = "userId", skip_serializing_if = "Option::is_none", default)]
+    pub user_id: Option<String>,
+    /// Why it died.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+    /// The kind of the last failure while retrying (`store`, `engine`, `ack`).
+    #[serde(rename = "lastError", skip_serializing_if = "Option::is_none", default)]
+    pub last_error: Option<String>,
+    /// The token's user id; only that user may read the record.
+    #[serde(skip_serializing, default)]
+    pub owner: String,
+}
+
+#[derive(Serialize)]
+struct Stored<'a> {
+    #[serde(flatten)]
+    record: &'a RequestRecord,
+    owner: &'a str,
+}
+
+/// Names and lifetime of the records of one ingress stream.
+#[derive(Debug, Clone)]
+pub struct StatusKeys {
+    pub ensure_stream: String,
+    pub ttl_secs: u64,
+}
+
+impl StatusKeys {
+    pub fn record_key(&self, request_id: &str) -> String {
+        format!("{}:request:{request_id}", self.ensure_stream)
+    }
+
+    pub fn failures_key(&self) -> String {
+        format!("{}:failures", self.ensure_stream)
+    }
+
+    /// Adds the write of `record` to a pipeline.
+    pub fn add_record(&self, pipe: &mut redis::Pipeline, record: &RequestRecord) {
+        let json = serde_json::to_string(&Stored {
+            record,
+            owner: &record.owner,
+        })
+        .unwrap_or_default();
+        pipe.cmd("SET")
+            .arg(self.record_key(&record.request_id))
+            .arg(json)
+            .arg("EX")
+            .arg(self.ttl_secs)
+            .ignore();
+    }
+
+    /// Adds "these entries failed at `step`" to a pipeline: the first failure time is kept,
+    /// the last one and its error replaced.
+    pub fn add_failure(&self, pipe: &mut redis::Pipeline, entry_id: &str, step: &str, error: &str) {
+        let now = now_millis();
+        let key = self.failures_key();
+        pipe.cmd("HSETNX")
+            .arg(&key)
+            .arg(format!("{entry_id}:first"))
+            .arg(now)
+            .ignore();
+        pipe.cmd("HSET")
+            .arg(&key)
+            .arg(format!("{entry_id}:last"))
+            .arg(format!("{now} {step}: {error}"))
+            .ignore();
+    }
+
+    /// Adds the removal of entries' failure history to a pipeline.
+    pub fn add_forget_failures(&self, pipe: &mut redis::Pipeline, entry_ids: &[&str]) {
+        if entry_ids.is_empty() {
+            return;
+        }
+        let fields: Vec<String> = entry_ids
+            .iter()
+            .flat_map(|id| [format!("{id}:first"), format!("{id}:last")])
+            .collect();
+        pipe.cmd("HDEL")
+            .arg(self.failures_key())
+            .arg(fields)
+            .ignore();
+    }
+
+    /// The failure history of an entry: first failure time, last failure time and error.
+    pub async fn failure_of(
+        &self,
+        conn: &ConnectionManager,
+        entry_id: &str,
+    ) -> Option<FailureHistory> {
+        let mut conn = conn.clone();
+        let (first, last): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+            .arg(self.failures_key())
+            .arg(format!("{entry_id}:first"))
+            .arg(format!("{entry_id}:last"))
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        let last = last?;
+        let (last_at, error) = last.split_once(' ')?;
+        let last_at: u64 = last_at.parse().ok()?;
+        Some(FailureHistory {
+            first_at_ms: first.unwrap_or(last_at),
+            last_at_ms: last_at,
+            last_error: error.to_string(),
+        })
+    }
+
+    /// The record of a request, when it exists and has not expired.
+    pub async fn fetch(
+        &self,
+        conn: &ConnectionManager,
+        request_id: &str,
+    ) -> redis::RedisResult<Option<RequestRecord>> {
+        let mut conn = conn.clone();
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(self.record_key(request_id))
+            .query_async(&mut conn)
+            .await?;
+        Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+    }
+}
+
+/// When an entry failed and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureHistory {
+    pub first_at_ms: u64,
+    pub last_at_ms: u64,
+    pub last_error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_keep_the_owner_but_never_show_it() {
+        let record = RequestRecord {
+            request_id: "r".into(),
+            state: RequestState::Done,
+            user_id: Some("u".into()),
+            reason: None,
+            last_error: None,
+            owner: "token-user".into(),
+        };
+        let stored = serde_json::to_string(&Stored {
+            record: &record,
+            owner: &record.owner,
+        })
+        .unwrap();
+        let back: RequestRecord = serde_json::from_str(&stored).unwrap();
+        assert_eq!(back, record);
+        assert_eq!(
+            serde_json::to_string(&record).unwrap(),
+            r#"{"requestId":"r","state":"done","userId":"u"}"#
+        );
+    }
+}
