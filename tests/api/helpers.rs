@@ -155,6 +155,7 @@ pub fn test_vars(queue: &RedisServer, engine: &RedisServer, db: &Path) -> Vec<(S
         ("RETRY_INITIAL_MS", "20".to_string()),
         ("RETRY_MAX_MS", "200".to_string()),
         ("SHUTDOWN_GRACE_SECS", "5".to_string()),
+        ("CLAIM_IDLE_MS", "1000".to_string()),
         ("ENSURE_WAIT_MS", "5000".to_string()),
     ]
     .into_iter()
@@ -346,6 +347,75 @@ impl Process {
         })
         .await
     }
+}
+
+impl Process {
+    /// `kill -9`: no shutdown, no cleanup, whatever was in flight stays where it was.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Runs a one-shot command of the binary (e.g. `dead-letters list`) and returns its stdout.
+pub fn run_cli(args: &[&str], vars: &[(String, String)]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_ensure-user"))
+        .args(args)
+        .env_clear()
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Entries read by the group but not acknowledged, by consumer name.
+pub async fn pending_by_consumer(queue: &RedisServer) -> Vec<(String, u64)> {
+    let mut conn = queue.conn().await;
+    let summary: redis::Value = match redis::cmd("XPENDING")
+        .arg("stream:ensure-user")
+        .arg("ensure-workers")
+        .query_async(&mut conn)
+        .await
+    {
+        Ok(v) => v,
+        Err(_) => return Vec::new(),
+    };
+    let redis::Value::Array(parts) = summary else {
+        return Vec::new();
+    };
+    let Some(redis::Value::Array(consumers)) = parts.get(3) else {
+        return Vec::new();
+    };
+    consumers
+        .iter()
+        .filter_map(|c| {
+            let redis::Value::Array(kv) = c else {
+                return None;
+            };
+            let name: String = redis::from_redis_value_ref(kv.first()?).ok()?;
+            let count: String = redis::from_redis_value_ref(kv.get(1)?).ok()?;
+            Some((name, count.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Total of [`pending_by_consumer`].
+pub async fn pending_count(queue: &RedisServer) -> u64 {
+    pending_by_consumer(queue)
+        .await
+        .iter()
+        .map(|(_, n)| n)
+        .sum()
 }
 
 impl Drop for Process {

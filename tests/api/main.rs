@@ -2,6 +2,8 @@
 //! on free ports), a real SQLite file.
 
 mod auth;
+mod crashes;
+mod durability;
 mod ensure;
 mod faults;
 mod helpers;

@@ -1,0 +1,222 @@
+//! Real processes killed with `kill -9`, real Redis servers killed and restarted: every
+//! request answered 2xx must end up in SQLite and on the Engine stream.
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+/// Sends `n` ensures of distinct users concurrently; returns the user ids answered 2xx.
+async fn send_load(address: std::net::SocketAddr, prefix: &str, n: usize) -> BTreeSet<String> {
+    let client = reqwest::Client::new();
+    let requests = (0..n).map(|i| {
+        let client = client.clone();
+        let user = format!("{prefix}-{i}");
+        async move {
+            let r = client
+                .post(format!("http://{address}{ENSURE_PATH}"))
+                .bearer_auth(token(&user, &format!("{user}@example.com")))
+                .send()
+                .await;
+            match r {
+                Ok(r) if r.status().is_success() => Some(user),
+                _ => None,
+            }
+        }
+    });
+    futures_util::future::join_all(requests)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// Waits until every user is in SQLite and has a `createUser` on the Engine stream.
+async fn all_delivered(db: &std::path::Path, engine: &RedisServer, users: &BTreeSet<String>) {
+    eventually(
+        &format!("{} users stored and published", users.len()),
+        || async {
+            let stored: BTreeSet<String> = rows(db).into_iter().map(|(id, _)| id).collect();
+            let published: BTreeSet<String> = engine
+                .entries("stream:exness")
+                .await
+                .iter()
+                .filter_map(|e| serde_json::from_str::<Value>(&engine_message(e)).ok())
+                .filter_map(|v| v["userId"].as_str().map(str::to_string))
+                .collect();
+            (users.is_subset(&stored) && users.is_subset(&published)).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn kill_9_of_serve_with_pending_entries_loses_nothing_after_restart() {
+    let queue = RedisServer::start().await;
+    let engine = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let mut vars = test_vars(&queue, &engine, &db);
+    set(&mut vars, "ENSURE_WAIT_MS", "200");
+    let serve = Process::spawn(&["serve"], &vars).await;
+
+    // Hold SQLite's write lock so the workers' transactions wait and entries stay pending.
+    let blocker = rusqlite::Connection::open(&db).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let accepted = send_load(serve.address, "crash", 40).await;
+    assert_eq!(
+        accepted.len(),
+        40,
+        "every request is accepted (202 while SQLite is locked)"
+    );
+    eventually("entries pending in the killed process", || async {
+        (pending_count(&queue).await > 0).then_some(())
+    })
+    .await;
+    serve.kill9();
+    blocker.execute_batch("ROLLBACK").unwrap();
+    drop(blocker);
+
+    let restarted = Process::spawn(&["serve"], &vars).await;
+    all_delivered(&db, &engine, &accepted).await;
+    eventually("nothing left pending", || async {
+        (pending_count(&queue).await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(rows(&db).len(), 40);
+    assert!(restarted.terminate().await.success());
+}
+
+#[tokio::test]
+async fn kill_9_of_one_worker_lets_the_other_reclaim_its_entries() {
+    let queue = RedisServer::start().await;
+    let mut engine = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let mut vars = test_vars(&queue, &engine, &db);
+    set(&mut vars, "ENSURE_WAIT_MS", "0");
+    let listener = Process::spawn(&["listen"], &vars).await;
+    let doomed = Process::spawn(&["work"], &vars).await;
+    let survivor = Process::spawn(&["work"], &vars).await;
+    // With the Engine away, both workers hold entries they cannot finish.
+    engine.stop();
+    let doomed_pid = format!("-{}-", doomed.pid());
+    let mut accepted = BTreeSet::new();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    for round in 0.. {
+        accepted.extend(send_load(listener.address, &format!("w{round}"), 20).await);
+        let pending = pending_by_consumer(&queue).await;
+        if pending
+            .iter()
+            .any(|(name, n)| name.contains(&doomed_pid) && *n > 0)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the doomed worker never held entries"
+        );
+    }
+
+    doomed.kill9();
+    engine.restart().await;
+
+    all_delivered(&db, &engine, &accepted).await;
+    eventually("nothing left pending", || async {
+        (pending_count(&queue).await == 0).then_some(())
+    })
+    .await;
+    assert!(survivor.terminate().await.success());
+    assert!(listener.terminate().await.success());
+}
+
+#[tokio::test]
+async fn queue_redis_killed_and_restarted_with_aof_keeps_every_accepted_request() {
+    let mut queue =
+        RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await;
+    let mut engine = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let mut vars = test_vars(&queue, &engine, &db);
+    set(&mut vars, "ENSURE_WAIT_MS", "0");
+    let serve = Process::spawn(&["serve"], &vars).await;
+    engine.stop();
+
+    let accepted = send_load(serve.address, "aof", 50).await;
+    assert_eq!(accepted.len(), 50);
+    queue.restart().await; // SIGKILL, then start again from its AOF
+    engine.restart().await;
+
+    all_delivered(&db, &engine, &accepted).await;
+    assert!(serve.terminate().await.success());
+}
+
+#[tokio::test]
+async fn engine_redis_down_under_load_delivers_everything_after_it_returns() {
+    let queue = RedisServer::start().await;
+    let mut engine = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let mut vars = test_vars(&queue, &engine, &db);
+    set(&mut vars, "ENSURE_WAIT_MS", "300");
+    let serve = Process::spawn(&["serve"], &vars).await;
+    engine.stop();
+
+    let accepted = send_load(serve.address, "outage", 200).await;
+    assert_eq!(
+        accepted.len(),
+        200,
+        "every request gets its 2xx during the outage"
+    );
+    engine.restart().await;
+
+    all_delivered(&db, &engine, &accepted).await;
+    assert!(serve.terminate().await.success());
+}
+
+#[tokio::test]
+async fn sigterm_with_requests_in_flight_answers_all_and_loses_nothing() {
+    let queue = RedisServer::start().await;
+    let mut engine = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let vars = test_vars(&queue, &engine, &db);
+    let serve = Process::spawn(&["serve"], &vars).await;
+    engine.stop();
+
+    let address = serve.address;
+    let load = tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let requests = (0..30).map(|i| {
+            let client = client.clone();
+            let user = format!("term-{i}");
+            async move {
+                let r = client
+                    .post(format!("http://{address}{ENSURE_PATH}"))
+                    .bearer_auth(token(&user, &format!("{user}@example.com")))
+                    .send()
+                    .await
+                    .expect("an answer, not a dropped connection");
+                (user, r.status().as_u16())
+            }
+        });
+        futures_util::future::join_all(requests).await
+    });
+    // Every request is queued (a few read by workers that cannot finish them) and waiting.
+    eventually("all 30 requests queued", || async {
+        (queue.entries("stream:ensure-user").await.len() >= 30).then_some(())
+    })
+    .await;
+
+    let status = serve.terminate().await;
+
+    assert_eq!(status.code(), Some(0));
+    let answers = load.await.unwrap();
+    assert!(answers.iter().all(|(_, s)| *s == 202), "{answers:?}");
+    let accepted: BTreeSet<String> = answers.into_iter().map(|(u, _)| u).collect();
+    engine.restart().await;
+    let restarted = Process::spawn(&["serve"], &vars).await;
+    all_delivered(&db, &engine, &accepted).await;
+    assert!(restarted.terminate().await.success());
+}
