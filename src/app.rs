@@ -21,6 +21,7 @@ use crate::engine::EnginePublisher;
 use crate::http::auth::Authenticator;
 use crate::http::listener::{self, ConnectionLimits, Site};
 use crate::http::routes::{ApiState, Readiness};
+use crate::queue::monitor::QueueMonitor;
 use crate::queue::status::StatusKeys;
 use crate::queue::{self, ingress, outcome};
 use crate::store::SqliteStore;
@@ -214,10 +215,6 @@ impl Application {
             self.shutdown.clone(),
         ));
         if self.mode.listens() {
-            tracker.spawn(crate::http::routes::sample_backlog(
-                Arc::clone(&self.api),
-                Duration::from_millis(250),
-            ));
             let client = redis::Client::open(self.config.redis_url.as_str())?;
             tracker.spawn(outcome::run_subscriber(
                 client,
@@ -226,6 +223,21 @@ impl Application {
                 self.shutdown.clone(),
             ));
         }
+        tracker.spawn(
+            QueueMonitor {
+                conn: self.api.readiness.queue.clone(),
+                ensure_stream: self.config.ensure_stream.clone(),
+                group: self.config.ensure_group.clone(),
+                dead_stream: self.config.dead_letter_stream(),
+                backlog: Arc::clone(&self.api.backlog),
+                max_backlog: self.config.queue_max_backlog,
+            }
+            .run(Duration::from_millis(250), self.shutdown.clone()),
+        );
+        tracker.spawn(watch_dependencies(
+            Arc::clone(&self.api),
+            self.shutdown.clone(),
+        ));
         if let Some(ctx) = &self.worker {
             if let Some(confirm) = &ctx.confirm {
                 // Its own connection: the reader blocks on XREAD.
@@ -261,6 +273,26 @@ impl Application {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Keeps the `dependency_up` gauges current (every 5 s), as `/readyz` would answer.
+async fn watch_dependencies(api: Arc<ApiState>, shutdown: CancellationToken) {
+    let all: &[&str] = if api.readiness.store.is_some() {
+        &["queue_redis", "engine_redis", "sqlite"]
+    } else {
+        &["queue_redis"]
+    };
+    loop {
+        let failing = api.readiness.failing().await;
+        for name in all {
+            let up = if failing.contains(name) { 0.0 } else { 1.0 };
+            metrics::gauge!(telemetry::DEPENDENCY_UP, "dependency" => *name).set(up);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
     }
 }
 

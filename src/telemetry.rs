@@ -28,6 +28,10 @@ pub const ENGINE_PUBLISH_FAILURES: &str = "ensure_user_engine_publish_failures_t
 pub const ENGINE_REPUBLISHED: &str = "ensure_user_engine_republished_total";
 pub const BACKLOG_REFUSALS: &str = "ensure_user_backlog_refusals_total";
 pub const QUEUE_BACKLOG: &str = "ensure_user_queue_backlog";
+pub const QUEUE_PENDING: &str = "ensure_user_queue_pending";
+pub const QUEUE_LAG: &str = "ensure_user_queue_lag";
+pub const DEAD_LETTERS: &str = "ensure_user_dead_letters";
+pub const DEPENDENCY_UP: &str = "ensure_user_dependency_up";
 pub const BUILD_INFO: &str = "ensure_user_build_info";
 
 const LATENCY_BUCKETS: &[f64] = &[

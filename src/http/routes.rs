@@ -76,45 +76,10 @@ pub struct ApiState {
     pub listener_id: String,
     pub wait: Duration,
     pub readiness: Readiness,
-    /// Unacknowledged entries, as last sampled by [`sample_backlog`].
+    /// Unacknowledged entries, as last sampled by the [`crate::queue::monitor::QueueMonitor`].
     pub backlog: Arc<AtomicU64>,
     pub max_backlog: u64,
     pub shutdown: CancellationToken,
-}
-
-/// Samples the ingress backlog every `every` until shutdown: the request path then only
-/// reads a number instead of asking Redis each time.
-pub async fn sample_backlog(state: Arc<ApiState>, every: Duration) {
-    let Some(ingress) = &state.ingress else {
-        return;
-    };
-    let mut over = false;
-    loop {
-        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), ingress.backlog()).await {
-            state.backlog.store(n, Ordering::Relaxed);
-            metrics::gauge!(telemetry::QUEUE_BACKLOG).set(n as f64);
-            let now_over = n > state.max_backlog;
-            if now_over != over {
-                if now_over {
-                    tracing::warn!(
-                        backlog = n,
-                        limit = state.max_backlog,
-                        "backlog over QUEUE_MAX_BACKLOG; refusing new requests with 503"
-                    );
-                } else {
-                    tracing::info!(
-                        backlog = n,
-                        "backlog back under QUEUE_MAX_BACKLOG; accepting requests"
-                    );
-                }
-                over = now_over;
-            }
-        }
-        tokio::select! {
-            _ = state.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-    }
 }
 
 /// Answers one request; never fails (every error is an answer).

@@ -3,10 +3,12 @@
 //! - [`ingress`]: what one ensure request looks like on the stream, and putting it there;
 //! - [`outcome`]: carrying a finished request's result back to the listener that waits;
 //! - [`dead_letters`]: where entries go that can never succeed, and how they come back;
+//! - [`monitor`]: sampling backlog, pending entries, lag and dead letters;
 //! - [`status`]: the per-request records behind `GET …/requests/<id>`, and failure history.
 
 pub mod dead_letters;
 pub mod ingress;
+pub mod monitor;
 pub mod outcome;
 pub mod status;
 

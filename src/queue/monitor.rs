@@ -1,0 +1,114 @@
+//! Samples the queue's state: backlog (for backpressure), pending entries, consumer lag and
+//! dead letters (for the dashboard). One pipelined round trip per tick, off the request path:
+//! a request only reads the last sampled backlog.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry;
+
+/// What to watch and where to put the backlog.
+pub struct QueueMonitor {
+    pub conn: ConnectionManager,
+    pub ensure_stream: String,
+    pub group: String,
+    pub dead_stream: String,
+    /// Entries on the ingress stream (unacknowledged ones: acknowledged entries are deleted).
+    pub backlog: Arc<AtomicU64>,
+    pub max_backlog: u64,
+}
+
+impl QueueMonitor {
+    /// Samples every `every` until shutdown.
+    pub async fn run(self, every: Duration, shutdown: CancellationToken) {
+        let mut over = false;
+        loop {
+            if let Ok(Ok((length, dead, groups))) =
+                tokio::time::timeout(Duration::from_secs(1), self.sample()).await
+            {
+                self.backlog.store(length, Ordering::Relaxed);
+                metrics::gauge!(telemetry::QUEUE_BACKLOG).set(length as f64);
+                metrics::gauge!(telemetry::DEAD_LETTERS).set(dead as f64);
+                if let Some((pending, lag)) = group_info(&groups, &self.group) {
+                    metrics::gauge!(telemetry::QUEUE_PENDING).set(pending as f64);
+                    metrics::gauge!(telemetry::QUEUE_LAG).set(lag as f64);
+                }
+                let now_over = length > self.max_backlog;
+                if now_over != over {
+                    if now_over {
+                        tracing::warn!(
+                            backlog = length,
+                            limit = self.max_backlog,
+                            "backlog over QUEUE_MAX_BACKLOG; refusing new requests with 503"
+                        );
+                    } else {
+                        tracing::info!(
+                            backlog = length,
+                            "backlog back under QUEUE_MAX_BACKLOG; accepting requests"
+                        );
+                    }
+                    over = now_over;
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    async fn sample(&self) -> redis::RedisResult<(u64, u64, Value)> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .cmd("XLEN")
+            .arg(&self.ensure_stream)
+            .cmd("XLEN")
+            .arg(&self.dead_stream)
+            .cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&self.ensure_stream)
+            .query_async(&mut conn)
+            .await
+    }
+}
+
+/// `(pending, lag)` of `group` from an `XINFO GROUPS` answer; lag counts as 0 when Redis
+/// cannot tell (it answers nil after some deletions).
+fn group_info(groups: &Value, group: &str) -> Option<(u64, u64)> {
+    let Value::Array(groups) = groups else {
+        return None;
+    };
+    groups.iter().find_map(|g| {
+        let pairs: Vec<(String, &Value)> = match g {
+            Value::Array(flat) => flat
+                .chunks(2)
+                .filter_map(|kv| {
+                    Some((
+                        redis::from_redis_value_ref::<String>(&kv[0]).ok()?,
+                        kv.get(1)?,
+                    ))
+                })
+                .collect(),
+            Value::Map(m) => m
+                .iter()
+                .filter_map(|(k, v)| Some((redis::from_redis_value_ref::<String>(k).ok()?, v)))
+                .collect(),
+            _ => return None,
+        };
+        let get = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
+        let name: String = redis::from_redis_value_ref(get("name")?).ok()?;
+        if name != group {
+            return None;
+        }
+        let pending = redis::from_redis_value_ref::<u64>(get("pending")?).ok()?;
+        let lag = get("lag")
+            .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
+            .unwrap_or(0);
+        Some((pending, lag))
+    })
+}
