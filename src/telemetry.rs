@@ -15,6 +15,7 @@ pub const HTTP_REQUESTS: &str = "ensure_user_http_requests_total";
 pub const HTTP_DURATION_SECONDS: &str = "ensure_user_http_request_duration_seconds";
 pub const ANSWERS: &str = "ensure_user_answers_total";
 pub const WAITERS: &str = "ensure_user_waiters";
+pub const COALESCED: &str = "ensure_user_coalesced_total";
 pub const ENQUEUE_FAILURES: &str = "ensure_user_enqueue_failures_total";
 pub const JOBS_COMPLETED: &str = "ensure_user_jobs_completed_total";
 pub const JOB_RETRIES: &str = "ensure_user_job_retries_total";

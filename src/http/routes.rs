@@ -18,7 +18,7 @@ use super::auth::Authenticator;
 use super::responses::{self, ApiError, HttpResponse};
 use crate::queue::dead_letters::now_millis;
 use crate::queue::ingress::{EnsureRequest, Ingress};
-use crate::queue::outcome::{Outcome, Waiters};
+use crate::queue::outcome::{Heard, Outcome, Waiters};
 use crate::store::SqliteStore;
 use crate::telemetry;
 
@@ -210,50 +210,91 @@ async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse
         answer("backlog");
         return Err(ApiError::Backlog);
     }
-    let waits = !state.wait.is_zero();
-    let request = EnsureRequest {
-        request_id: uuid::Uuid::new_v4().simple().to_string(),
-        user_id: identity.user_id,
-        email: identity.email,
-        reply_to: if waits {
-            state.listener_id.clone()
-        } else {
-            String::new()
-        },
-        enqueued_at_ms: now_millis(),
-    };
-    let span =
-        tracing::info_span!("ensure", request_id = %request.request_id, user_id = %request.user_id);
-    let mut waiter = waits.then(|| state.waiters.register(&request.request_id));
-    if let Err(e) = ingress.enqueue(&request).await {
-        metrics::counter!(telemetry::ENQUEUE_FAILURES).increment(1);
-        answer("unavailable");
-        tracing::warn!(parent: &span, error = %e, "request not queued; answered 503");
-        return Err(ApiError::QueueUnavailable);
-    }
-    let Some(waiter) = waiter.as_mut() else {
+    if state.wait.is_zero() {
+        let request = new_request(identity.user_id, identity.email, String::new());
+        enqueue(ingress, &request).await?;
         answer("queued");
         return Ok(responses::initiated(&request.user_id, &request.request_id));
-    };
+    }
+
+    let deadline = tokio::time::Instant::now() + state.wait;
+    let user_key = format!("{}\n{}", identity.user_id, identity.email);
     let gauge = metrics::gauge!(telemetry::WAITERS);
     gauge.increment(1.0);
-    let outcome = waiter.outcome(state.wait, &state.shutdown).await;
-    gauge.decrement(1.0);
-    match outcome {
-        Some(Outcome::Done { user_id }) => {
-            answer("done");
-            Ok(responses::ensured(&user_id, &request.request_id))
+    let _in_flight = scopeguard(move || gauge.decrement(1.0));
+
+    // The same user is already queued here and not yet published: share that entry.
+    if let Some((request_id, mut waiter)) = state.waiters.join(&user_key) {
+        metrics::counter!(telemetry::COALESCED).increment(1);
+        match waiter.until(deadline, &state.shutdown).await {
+            Some(Heard::Outcome(outcome)) => return outcome_answer(outcome, &request_id),
+            // Published by another process, maybe before this request came: queue anew.
+            Some(Heard::Requeue) => {}
+            None => {
+                answer("timeout");
+                return Ok(responses::initiated(&identity.user_id, &request_id));
+            }
         }
-        Some(Outcome::Dead { reason }) => {
-            answer("dead");
-            tracing::warn!(parent: &span, %reason, "request dead-lettered; answered 500");
-            Err(ApiError::Failed)
-        }
-        None => {
+    }
+
+    let request = new_request(identity.user_id, identity.email, state.listener_id.clone());
+    let mut waiter = state.waiters.register(&request.request_id, &user_key);
+    enqueue(ingress, &request).await?;
+    match waiter.until(deadline, &state.shutdown).await {
+        Some(Heard::Outcome(outcome)) => outcome_answer(outcome, &request.request_id),
+        // The owner of an entry always hears its outcome; this arm cannot be reached.
+        Some(Heard::Requeue) | None => {
             answer("timeout");
             Ok(responses::initiated(&request.user_id, &request.request_id))
         }
     }
+}
+
+fn new_request(user_id: String, email: String, reply_to: String) -> EnsureRequest {
+    EnsureRequest {
+        request_id: uuid::Uuid::new_v4().simple().to_string(),
+        user_id,
+        email,
+        reply_to,
+        enqueued_at_ms: now_millis(),
+    }
+}
+
+async fn enqueue(ingress: &Ingress, request: &EnsureRequest) -> Result<(), ApiError> {
+    ingress.enqueue(request).await.map(drop).map_err(|e| {
+        metrics::counter!(telemetry::ENQUEUE_FAILURES).increment(1);
+        answer("unavailable");
+        tracing::warn!(request_id = %request.request_id, user_id = %request.user_id, error = %e, "request not queued; answered 503");
+        ApiError::QueueUnavailable
+    })
+}
+
+fn outcome_answer(outcome: Outcome, request_id: &str) -> Result<HttpResponse, ApiError> {
+    match outcome {
+        Outcome::Done { user_id } => {
+            answer("done");
+            Ok(responses::ensured(&user_id, request_id))
+        }
+        Outcome::Dead { reason } => {
+            answer("dead");
+            tracing::warn!(request_id, %reason, "request dead-lettered; answered 500");
+            Err(ApiError::Failed)
+        }
+    }
+}
+
+/// Runs `f` when dropped: keeps a gauge right on every path out of a handler, including a
+/// client that hangs up mid-wait.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 fn answer(outcome: &'static str) {

@@ -106,6 +106,12 @@ impl WorkerContext {
             })
             .collect();
         let in_flight: Vec<&Decoded> = stored.iter().map(|(d, _)| d).collect();
+        // From here on nobody may join these entries: their createUser is going out.
+        self.outcomes.mark_publishing(
+            in_flight
+                .iter()
+                .map(|d| (d.request.reply_to.as_str(), d.request.request_id.as_str())),
+        );
         self.engine_step(commands, &in_flight).await?;
 
         // 3. Acknowledge, delete, write dead letters and status records: one MULTI.

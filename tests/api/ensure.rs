@@ -196,3 +196,46 @@ async fn a_waiting_request_is_answered_202_at_shutdown() {
     // Not done, so not acknowledged: still there for the next worker.
     assert_eq!(app.queue.entries("stream:ensure-user").await.len(), 1);
 }
+
+#[tokio::test]
+async fn concurrent_ensures_of_one_user_share_entries_and_all_get_200() {
+    let app = spawn_app().await;
+    let token = token("popular", "popular@example.com");
+
+    let responses = futures_util::future::join_all((0..100).map(|_| app.ensure(&token))).await;
+
+    for r in &responses {
+        assert_eq!(r.status(), 200);
+    }
+    let commands = app.engine_entries().await.len();
+    eprintln!("100 concurrent same-user ensures made {commands} entries");
+    assert!(commands >= 1);
+    assert!(
+        commands <= 20,
+        "100 requests made {commands} entries; they should share"
+    );
+    assert_eq!(
+        app.rows(),
+        vec![("popular".into(), "popular@example.com".into())]
+    );
+    // Every answer names an entry whose createUser was published.
+    let published: Vec<String> = app
+        .engine_entries()
+        .await
+        .iter()
+        .map(engine_message)
+        .collect();
+    for r in responses {
+        let json: Value = r.json().await.unwrap();
+        let request_id = json["requestId"].as_str().unwrap();
+        assert!(
+            published.contains(&expected_command(
+                "popular",
+                "popular@example.com",
+                request_id
+            )),
+            "answer for {request_id} has no createUser"
+        );
+    }
+    app.shutdown().await.unwrap();
+}
