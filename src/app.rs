@@ -148,7 +148,7 @@ impl Application {
         };
 
         let api = Arc::new(ApiState {
-            auth: Authenticator::new(&config.jwt),
+            auth: Authenticator::new(&config.jwt)?,
             ingress: mode.listens().then(|| {
                 ingress::Ingress::new(
                     queue_conn.clone(),
@@ -199,6 +199,7 @@ impl Application {
         let tracker = TaskTracker::new();
         let limits = ConnectionLimits {
             header_read_timeout: self.config.header_read_timeout,
+            max_connections: self.config.max_connections,
             shutdown_grace: self.config.shutdown_grace,
         };
         tracing::info!(mode = ?self.mode, address = %self.address(), metrics = %self.metrics_address(), "ensure-user running");

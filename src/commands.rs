@@ -80,10 +80,11 @@ async fn engine_stub(drop_replies: u64, from_start: bool) -> anyhow::Result<()> 
 
 fn token(user_id: &str, email: &str, ttl: Option<u64>) -> anyhow::Result<()> {
     let jwt = Config::jwt_from_env()?;
-    println!(
-        "{}",
-        mint_token(jwt.secret.as_bytes(), user_id, email, ttl)?
-    );
+    let secret = jwt.secret.ok_or_else(|| crate::config::ConfigError {
+        setting: "JWT_SECRET",
+        problem: "is not set; `token` signs with it".into(),
+    })?;
+    println!("{}", mint_token(secret.as_bytes(), user_id, email, ttl)?);
     Ok(())
 }
 

@@ -21,7 +21,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(setting: &'static str, problem: impl Into<String>) -> Self {
+    pub fn new(setting: &'static str, problem: impl Into<String>) -> Self {
         Self {
             setting,
             problem: problem.into(),
@@ -49,10 +49,29 @@ impl fmt::Debug for JwtSecret {
     }
 }
 
+/// A key file's name and contents, read at start.
+#[derive(Debug, Clone)]
+pub struct KeyFile {
+    pub path: String,
+    pub contents: Vec<u8>,
+}
+
 /// How the service checks bearer tokens.
 #[derive(Debug, Clone)]
 pub struct JwtConfig {
-    pub secret: JwtSecret,
+    /// The HMAC secret (required when an HS algorithm is allowed).
+    pub secret: Option<JwtSecret>,
+    /// A second HMAC secret still accepted, so the secret can be rotated without refusing
+    /// live sessions.
+    pub previous_secret: Option<JwtSecret>,
+    /// The accepted algorithms (`JWT_ALGORITHMS`, default HS256); anything else is refused.
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// A PEM public key for RS*/PS*/ES*/EdDSA tokens.
+    pub public_key: Option<KeyFile>,
+    /// A local JWKS file; a token's `kid` chooses the key.
+    pub jwks: Option<KeyFile>,
+    pub issuer: Option<String>,
+    pub audience: Vec<String>,
     pub leeway_secs: u64,
     pub require_exp: bool,
 }
@@ -109,6 +128,8 @@ pub struct Config {
     pub retry_max: Duration,
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
+    /// Open connections above which the listener stops accepting until some close.
+    pub max_connections: usize,
     pub log_format: LogFormat,
 }
 
@@ -181,41 +202,98 @@ impl Settings<'_> {
         Ok(url)
     }
 
-    fn jwt(&self) -> Result<JwtConfig, ConfigError> {
+    /// A secret from `NAME` (byte for byte) or from the file `NAME_FILE`.
+    fn secret(
+        &self,
+        name: &'static str,
+        file_name: &'static str,
+    ) -> Result<Option<JwtSecret>, ConfigError> {
         // The secret is taken byte for byte: a space in it is part of it, as in Node.
-        let inline = (self.lookup)("JWT_SECRET").filter(|v| !v.is_empty());
-        let secret =
-            match (inline, self.get("JWT_SECRET_FILE")) {
-                (Some(_), Some(_)) => {
-                    return Err(ConfigError::new(
-                        "JWT_SECRET",
-                        "set either JWT_SECRET or JWT_SECRET_FILE, not both",
-                    ))
+        let inline = (self.lookup)(name).filter(|v| !v.is_empty());
+        match (inline, self.get(file_name)) {
+            (Some(_), Some(_)) => Err(ConfigError::new(
+                name,
+                format!("set either {name} or {file_name}, not both"),
+            )),
+            (Some(s), None) => Ok(Some(JwtSecret(s.into_bytes()))),
+            (None, Some(path)) => {
+                let mut bytes = std::fs::read(&path)
+                    .map_err(|e| ConfigError::new(file_name, format!("cannot read {path}: {e}")))?;
+                // Editors and `echo` add a final newline; it is never part of the secret.
+                while matches!(bytes.last(), Some(b'\n' | b'\r')) {
+                    bytes.pop();
                 }
-                (Some(s), None) => s.into_bytes(),
-                (None, Some(path)) => {
-                    let mut bytes = std::fs::read(&path).map_err(|e| {
-                        ConfigError::new("JWT_SECRET_FILE", format!("cannot read {path}: {e}"))
-                    })?;
-                    // Editors and `echo` add a final newline; it is never part of the secret.
-                    while matches!(bytes.last(), Some(b'\n' | b'\r')) {
-                        bytes.pop();
-                    }
-                    if bytes.is_empty() {
-                        return Err(ConfigError::new(
-                            "JWT_SECRET_FILE",
-                            format!("{path} is empty"),
-                        ));
-                    }
-                    bytes
+                if bytes.is_empty() {
+                    return Err(ConfigError::new(file_name, format!("{path} is empty")));
                 }
-                (None, None) => return Err(ConfigError::new(
-                    "JWT_SECRET",
-                    "is not set (set JWT_SECRET or JWT_SECRET_FILE to the platform's token secret)",
-                )),
-            };
+                Ok(Some(JwtSecret(bytes)))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn key_file(&self, name: &'static str) -> Result<Option<KeyFile>, ConfigError> {
+        let Some(path) = self.get(name) else {
+            return Ok(None);
+        };
+        let contents = std::fs::read(&path)
+            .map_err(|e| ConfigError::new(name, format!("cannot read {path}: {e}")))?;
+        Ok(Some(KeyFile { path, contents }))
+    }
+
+    fn jwt(&self) -> Result<JwtConfig, ConfigError> {
+        let algorithms = self
+            .string("JWT_ALGORITHMS", "HS256")
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                a.parse::<jsonwebtoken::Algorithm>().map_err(|_| {
+                    ConfigError::new(
+                        "JWT_ALGORITHMS",
+                        format!("{a:?} is not a JWS algorithm (e.g. HS256, RS256, ES256, EdDSA)"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if algorithms.is_empty() {
+            return Err(ConfigError::new("JWT_ALGORITHMS", "names no algorithm"));
+        }
+        let secret = self.secret("JWT_SECRET", "JWT_SECRET_FILE")?;
+        let previous_secret = self.secret("JWT_SECRET_PREVIOUS", "JWT_SECRET_PREVIOUS_FILE")?;
+        let public_key = self.key_file("JWT_PUBLIC_KEY_FILE")?;
+        let jwks = self.key_file("JWT_JWKS_FILE")?;
+        let hmac = algorithms
+            .iter()
+            .any(|a| a.family() == jsonwebtoken::AlgorithmFamily::Hmac);
+        if hmac && secret.is_none() {
+            return Err(ConfigError::new(
+                "JWT_SECRET",
+                "is not set (set JWT_SECRET or JWT_SECRET_FILE to the platform's token secret)",
+            ));
+        }
+        if !hmac && public_key.is_none() && jwks.is_none() {
+            return Err(ConfigError::new(
+                "JWT_PUBLIC_KEY_FILE",
+                "JWT_ALGORITHMS allows only public-key algorithms: set JWT_PUBLIC_KEY_FILE or JWT_JWKS_FILE",
+            ));
+        }
         Ok(JwtConfig {
-            secret: JwtSecret(secret),
+            secret,
+            previous_secret,
+            algorithms,
+            public_key,
+            jwks,
+            issuer: self.get("JWT_ISSUER"),
+            audience: self
+                .get("JWT_AUDIENCE")
+                .map(|a| {
+                    a.split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
             leeway_secs: self.parse("JWT_LEEWAY_SECS", 60, "a whole number of seconds")?,
             require_exp: self.bool("JWT_REQUIRE_EXP", false)?,
         })
@@ -331,6 +409,7 @@ impl Config {
                 "a whole number of seconds",
             )?),
             header_read_timeout: s.millis("HEADER_READ_TIMEOUT_MS", 10_000)?,
+            max_connections: s.positive("MAX_CONNECTIONS", 10_000)?,
             log_format,
         })
     }
@@ -389,6 +468,12 @@ mod tests {
             (&[("CLAIM_IDLE_MS", "10")], "CLAIM_IDLE_MS"),
             (&[("ENGINE_CONFIRM", "maybe")], "ENGINE_CONFIRM"),
             (&[("MAX_DELIVERIES", "0")], "MAX_DELIVERIES"),
+            (&[("JWT_ALGORITHMS", "HS256,none")], "JWT_ALGORITHMS"),
+            (&[("JWT_ALGORITHMS", "RS256")], "JWT_PUBLIC_KEY_FILE"),
+            (
+                &[("JWT_PUBLIC_KEY_FILE", "/nonexistent/key.pem")],
+                "JWT_PUBLIC_KEY_FILE",
+            ),
         ];
         for (vars, setting) in cases {
             let err = with(vars).unwrap_err();
@@ -412,7 +497,7 @@ mod tests {
         let path = dir.join("secret");
         std::fs::write(&path, "from-file\n").unwrap();
         let c = Config::from_vars([("JWT_SECRET_FILE", path.to_str().unwrap())]).unwrap();
-        assert_eq!(c.jwt.secret.as_bytes(), b"from-file");
+        assert_eq!(c.jwt.secret.as_ref().unwrap().as_bytes(), b"from-file");
         let debug = format!("{:?}", c.jwt.secret);
         assert!(!debug.contains("from-file"), "{debug}");
         std::fs::remove_dir_all(dir).unwrap();

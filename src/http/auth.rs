@@ -13,7 +13,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
-use crate::config::JwtConfig;
+use crate::config::{ConfigError, JwtConfig};
 
 /// Tokens longer than this are refused unparsed: no legitimate platform token comes close,
 /// and base64-decoding megabytes of attacker input is a cheap denial of service.
@@ -37,34 +37,121 @@ pub enum AuthError {
     InvalidPayload,
 }
 
-/// Verifies bearer tokens with a key and rules prepared once.
-pub struct Authenticator {
+/// One key a token may be verified with.
+struct VerificationKey {
+    kid: Option<String>,
     key: DecodingKey,
-    validation: Validation,
+}
+
+/// Verifies bearer tokens with keys and rules prepared once (RFC 8725): an explicit
+/// algorithm allowlist, a key chosen by the token's algorithm family (so an HMAC token is
+/// never checked against a public key, nor the reverse) and `kid`, and no unknown `crit`.
+pub struct Authenticator {
+    keys: Vec<VerificationKey>,
+    /// One prepared validation per allowed algorithm.
+    validations: Vec<(Algorithm, Validation)>,
 }
 
 impl fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Authenticator").finish_non_exhaustive()
+        f.debug_struct("Authenticator")
+            .field("keys", &self.keys.len())
+            .field(
+                "algorithms",
+                &self.validations.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
+            )
+            .finish()
     }
 }
 
+/// The JOSE header fields the service looks at before verifying.
+#[derive(Deserialize)]
+struct JoseHeader {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+    /// Any critical extension: none is understood here, so any makes the token invalid.
+    #[serde(default)]
+    crit: Option<IgnoredAny>,
+}
+
 impl Authenticator {
-    pub fn new(config: &JwtConfig) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.required_spec_claims = HashSet::new();
-        if config.require_exp {
-            validation.required_spec_claims.insert("exp".to_string());
+    /// Builds the keys and validations; a key that cannot be used is a [`ConfigError`].
+    pub fn new(config: &JwtConfig) -> Result<Self, ConfigError> {
+        let mut keys = Vec::new();
+        for secret in [&config.secret, &config.previous_secret]
+            .into_iter()
+            .flatten()
+        {
+            if secret.as_bytes().len() < 32 {
+                tracing::warn!(
+                    "a JWT secret is shorter than 32 bytes; HS256 wants at least 32 (RFC 7518)"
+                );
+            }
+            keys.push(VerificationKey {
+                kid: None,
+                key: DecodingKey::from_secret(secret.as_bytes()),
+            });
         }
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        validation.leeway = config.leeway_secs;
-        // The platform's tokens name no audience; one that does is not refused for it.
-        validation.validate_aud = false;
-        Self {
-            key: DecodingKey::from_secret(config.secret.as_bytes()),
-            validation,
+        if let Some(file) = &config.public_key {
+            keys.push(VerificationKey {
+                kid: None,
+                key: public_key_from_pem(&file.contents, &config.algorithms).ok_or_else(|| {
+                    ConfigError::new(
+                        "JWT_PUBLIC_KEY_FILE",
+                        format!(
+                            "{} is not a PEM public key for {:?}",
+                            file.path, config.algorithms
+                        ),
+                    )
+                })?,
+            });
         }
+        if let Some(file) = &config.jwks {
+            let set: jsonwebtoken::jwk::JwkSet =
+                serde_json::from_slice(&file.contents).map_err(|e| {
+                    ConfigError::new("JWT_JWKS_FILE", format!("{} is not a JWKS: {e}", file.path))
+                })?;
+            for jwk in &set.keys {
+                let key = DecodingKey::from_jwk(jwk).map_err(|e| {
+                    ConfigError::new(
+                        "JWT_JWKS_FILE",
+                        format!("a key in {} cannot be used: {e}", file.path),
+                    )
+                })?;
+                keys.push(VerificationKey {
+                    kid: jwk.common.key_id.clone(),
+                    key,
+                });
+            }
+        }
+        let validations = config
+            .algorithms
+            .iter()
+            .map(|&alg| {
+                let mut v = Validation::new(alg);
+                v.required_spec_claims = HashSet::new();
+                if config.require_exp {
+                    v.required_spec_claims.insert("exp".to_string());
+                }
+                v.validate_exp = true;
+                v.validate_nbf = true;
+                v.leeway = config.leeway_secs;
+                if let Some(issuer) = &config.issuer {
+                    v.set_issuer(&[issuer]);
+                    v.required_spec_claims.insert("iss".to_string());
+                }
+                if config.audience.is_empty() {
+                    // The platform's tokens name no audience; one that does is not refused for it.
+                    v.validate_aud = false;
+                } else {
+                    v.set_audience(&config.audience);
+                    v.required_spec_claims.insert("aud".to_string());
+                }
+                (alg, v)
+            })
+            .collect();
+        Ok(Self { keys, validations })
     }
 
     /// Authenticates a request by its headers.
@@ -77,15 +164,101 @@ impl Authenticator {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::InvalidToken);
         }
-        let data = jsonwebtoken::decode::<IdentityClaims>(token, &self.key, &self.validation)
-            .map_err(|_| AuthError::InvalidToken)?;
-        match (data.claims.user_id.0, data.claims.email.0) {
-            (Some(user_id), Some(email)) if !user_id.is_empty() && !email.is_empty() => {
-                Ok(Identity { user_id, email })
-            }
-            _ => Err(AuthError::InvalidPayload),
+        let header = read_header(token).ok_or(AuthError::InvalidToken)?;
+        if header.crit.is_some() {
+            return Err(AuthError::InvalidToken);
         }
+        // An unknown name ("none" included) does not parse; a known one must be allowed.
+        let alg: Algorithm = header.alg.parse().map_err(|_| AuthError::InvalidToken)?;
+        let (_, validation) = self
+            .validations
+            .iter()
+            .find(|(a, _)| *a == alg)
+            .ok_or(AuthError::InvalidToken)?;
+        let candidates = self.keys.iter().filter(|k| {
+            k.key.family() == alg.family()
+                && match (&header.kid, &k.kid) {
+                    (Some(wanted), Some(kid)) => wanted == kid,
+                    (None, Some(_)) => false,
+                    (_, None) => true,
+                }
+        });
+        for candidate in candidates {
+            match jsonwebtoken::decode::<IdentityClaims>(token, &candidate.key, validation) {
+                Ok(data) => return identity_from(data.claims),
+                // Another key (the previous secret, another kid) may have signed it.
+                Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::InvalidSignature) => {
+                    continue
+                }
+                // The signature matched but the token is expired, malformed, …
+                Err(_) => return Err(AuthError::InvalidToken),
+            }
+        }
+        Err(AuthError::InvalidToken)
     }
+}
+
+fn read_header(token: &str) -> Option<JoseHeader> {
+    use base64::Engine as _;
+    let encoded = token.split('.').next()?;
+    // A JOSE header of a usable token is small; a huge one is an attack, not a token.
+    if encoded.len() > 1024 {
+        return None;
+    }
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded)
+        .ok()?;
+    serde_json::from_slice(&json).ok()
+}
+
+fn public_key_from_pem(pem: &[u8], algorithms: &[Algorithm]) -> Option<DecodingKey> {
+    use jsonwebtoken::AlgorithmFamily as F;
+    algorithms.iter().find_map(|a| match a.family() {
+        F::Rsa => DecodingKey::from_rsa_pem(pem).ok(),
+        F::Ec => DecodingKey::from_ec_pem(pem).ok(),
+        F::Ed => DecodingKey::from_ed_pem(pem).ok(),
+        F::Hmac => None,
+    })
+}
+
+/// Longest accepted `userId`, in bytes.
+pub const MAX_USER_ID_BYTES: usize = 128;
+/// Longest accepted `email`, in bytes (RFC 5321's path limit).
+pub const MAX_EMAIL_BYTES: usize = 254;
+
+fn identity_from(claims: IdentityClaims) -> Result<Identity, AuthError> {
+    let (Some(user_id), Some(email)) = (claims.user_id.0, claims.email.0) else {
+        return Err(AuthError::InvalidPayload);
+    };
+    let usable_id = !user_id.is_empty()
+        && user_id.len() <= MAX_USER_ID_BYTES
+        && !user_id.chars().any(char::is_control);
+    if !usable_id || !is_email(&email) {
+        return Err(AuthError::InvalidPayload);
+    }
+    Ok(Identity { user_id, email })
+}
+
+/// A deliberately plain address check: `local@domain`, no spaces or control characters,
+/// within RFC 5321's lengths. The platform has already verified the address; this only
+/// keeps obvious garbage out of the database and the Engine.
+pub fn is_email(email: &str) -> bool {
+    if email.len() > MAX_EMAIL_BYTES || email.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return false;
+    }
+    let Some((local, domain)) = email.rsplit_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && local.len() <= 64
+        && !domain.is_empty()
+        && domain.len() <= 253
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains("..")
+        && domain.chars().all(|c| {
+            c.is_alphanumeric() || c == '-' || c == '.' || c == '[' || c == ']' || c == ':'
+        })
 }
 
 /// The credential of the single `Authorization: Bearer …` header.
@@ -203,10 +376,45 @@ mod tests {
 
     fn auth() -> Authenticator {
         Authenticator::new(&JwtConfig {
-            secret: JwtSecret::new("secret"),
+            secret: Some(JwtSecret::new("secret")),
+            previous_secret: None,
+            algorithms: vec![Algorithm::HS256],
+            public_key: None,
+            jwks: None,
+            issuer: None,
+            audience: Vec::new(),
             leeway_secs: 60,
             require_exp: false,
         })
+        .unwrap()
+    }
+
+    #[test]
+    fn email_check() {
+        for ok in [
+            "a@x",
+            "first.last@example.com",
+            "u+tag@sub.example.co",
+            "x@[127.0.0.1]",
+        ] {
+            assert!(is_email(ok), "{ok}");
+        }
+        let long_local = format!("{}@x.com", "a".repeat(65));
+        let long = format!("a@{}.com", "b".repeat(250));
+        for bad in [
+            "",
+            "plain",
+            "@x.com",
+            "a@",
+            "a b@x.com",
+            "a@x..com",
+            "a@.x",
+            "a\n@x.com",
+            long_local.as_str(),
+            long.as_str(),
+        ] {
+            assert!(!is_email(bad), "{bad:?}");
+        }
     }
 
     fn headers(values: &[&str]) -> HeaderMap {

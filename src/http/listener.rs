@@ -63,6 +63,7 @@ fn metrics_page(handle: &PrometheusHandle, req: &Request<Incoming>) -> HttpRespo
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
+    pub max_connections: usize,
     pub shutdown_grace: Duration,
 }
 
@@ -79,15 +80,24 @@ pub async fn run(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true)
-        .max_buf_size(64 * 1024);
+        // Larger heads, or more than 100 headers, are answered 431 by hyper.
+        .max_buf_size(64 * 1024)
+        .max_headers(100);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(256);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
 
     loop {
+        // At the cap, stop accepting: new clients wait in the kernel's backlog instead of
+        // exhausting file descriptors and memory here.
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
         let (stream, _peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -106,6 +116,7 @@ pub async fn run(
         let watcher = graceful.watcher();
         let first_byte_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
+            let _slot = slot;
             if !first_byte_arrives(&stream, first_byte_timeout).await {
                 return;
             }
