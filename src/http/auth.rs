@@ -165,7 +165,7 @@ impl Authenticator {
             return Err(AuthError::InvalidToken);
         }
         let header = read_header(token).ok_or(AuthError::InvalidToken)?;
-        if header.crit.is_some() {
+        if header.crit.is_some() || !payload_is_shallow(token) {
             return Err(AuthError::InvalidToken);
         }
         // An unknown name ("none" included) does not parse; a known one must be allowed.
@@ -209,6 +209,40 @@ fn read_header(token: &str) -> Option<JoseHeader> {
         .decode(encoded)
         .ok()?;
     serde_json::from_slice(&json).ok()
+}
+
+/// Claims nested deeper than this are refused as malformed: no identity needs them.
+const MAX_CLAIMS_DEPTH: usize = 16;
+
+/// True when the payload's JSON nests no deeper than [`MAX_CLAIMS_DEPTH`] (a byte scan
+/// that skips strings; the JSON itself is parsed later, after the signature is checked).
+fn payload_is_shallow(token: &str) -> bool {
+    use base64::Engine as _;
+    let Some(encoded) = token.split('.').nth(1) else {
+        return false;
+    };
+    let Ok(json) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(encoded) else {
+        return false;
+    };
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in &json {
+        match (in_string, escaped, b) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (true, false, b'"') => in_string = false,
+            (true, false, _) => {}
+            (false, _, b'"') => in_string = true,
+            (false, _, b'[' | b'{') => {
+                depth += 1;
+                if depth > MAX_CLAIMS_DEPTH {
+                    return false;
+                }
+            }
+            (false, _, b']' | b'}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
 }
 
 fn public_key_from_pem(pem: &[u8], algorithms: &[Algorithm]) -> Option<DecodingKey> {
@@ -462,5 +496,176 @@ mod tests {
     fn oversized_tokens_are_invalid() {
         let token = "a".repeat(MAX_TOKEN_BYTES + 1);
         assert_eq!(auth().verify(&token), Err(AuthError::InvalidToken));
+    }
+
+    mod keys {
+        use super::*;
+        use crate::config::KeyFile;
+        use serde_json::json;
+
+        const RSA_PRIVATE: &[u8] = include_bytes!("../../tests/fixtures/rsa-private.pem");
+        const RSA_PUBLIC: &[u8] = include_bytes!("../../tests/fixtures/rsa-public.pem");
+        const EC_PRIVATE: &[u8] = include_bytes!("../../tests/fixtures/ec-private.pem");
+        const EC_PUBLIC: &[u8] = include_bytes!("../../tests/fixtures/ec-public.pem");
+        const ED_PRIVATE: &[u8] = include_bytes!("../../tests/fixtures/ed-private.pem");
+        const ED_PUBLIC: &[u8] = include_bytes!("../../tests/fixtures/ed-public.pem");
+        const JWKS: &[u8] = include_bytes!("../../tests/fixtures/jwks.json");
+
+        fn config(algorithms: &[Algorithm]) -> JwtConfig {
+            JwtConfig {
+                secret: None,
+                previous_secret: None,
+                algorithms: algorithms.to_vec(),
+                public_key: None,
+                jwks: None,
+                issuer: None,
+                audience: Vec::new(),
+                leeway_secs: 0,
+                require_exp: false,
+            }
+        }
+
+        fn file(contents: &[u8]) -> Option<KeyFile> {
+            Some(KeyFile {
+                path: "fixture".into(),
+                contents: contents.to_vec(),
+            })
+        }
+
+        fn sign(header: Header, claims: serde_json::Value, key: &EncodingKey) -> String {
+            jsonwebtoken::encode(&header, &claims, key).unwrap()
+        }
+
+        fn claims() -> serde_json::Value {
+            json!({"userId": "u1", "email": "u1@example.com"})
+        }
+
+        #[test]
+        fn public_key_algorithms_verify_with_their_key_files() {
+            let cases: [(Algorithm, &[u8], EncodingKey); 3] = [
+                (
+                    Algorithm::RS256,
+                    RSA_PUBLIC,
+                    EncodingKey::from_rsa_pem(RSA_PRIVATE).unwrap(),
+                ),
+                (
+                    Algorithm::ES256,
+                    EC_PUBLIC,
+                    EncodingKey::from_ec_pem(EC_PRIVATE).unwrap(),
+                ),
+                (
+                    Algorithm::EdDSA,
+                    ED_PUBLIC,
+                    EncodingKey::from_ed_pem(ED_PRIVATE).unwrap(),
+                ),
+            ];
+            for (alg, public, private) in cases {
+                let mut c = config(&[alg]);
+                c.public_key = file(public);
+                let auth = Authenticator::new(&c).unwrap();
+                let token = sign(Header::new(alg), claims(), &private);
+                assert_eq!(auth.verify(&token).unwrap().user_id, "u1", "{alg:?}");
+            }
+        }
+
+        #[test]
+        fn jwks_keys_are_chosen_by_kid() {
+            let mut c = config(&[Algorithm::RS256]);
+            c.jwks = file(JWKS);
+            let auth = Authenticator::new(&c).unwrap();
+            let key = EncodingKey::from_rsa_pem(RSA_PRIVATE).unwrap();
+            let mut header = Header::new(Algorithm::RS256);
+            header.kid = Some("rsa-1".into());
+            assert!(auth.verify(&sign(header.clone(), claims(), &key)).is_ok());
+            header.kid = Some("unknown".into());
+            assert_eq!(
+                auth.verify(&sign(header, claims(), &key)),
+                Err(AuthError::InvalidToken)
+            );
+        }
+
+        #[test]
+        fn an_hmac_token_is_never_checked_against_a_public_key() {
+            // The classic confusion: sign HS256 with the server's public key as the secret.
+            let mut c = config(&[Algorithm::HS256, Algorithm::RS256]);
+            c.secret = Some(JwtSecret::new("the-real-secret-that-is-long-enough!"));
+            c.public_key = file(RSA_PUBLIC);
+            let auth = Authenticator::new(&c).unwrap();
+            let forged = sign(
+                Header::new(Algorithm::HS256),
+                claims(),
+                &EncodingKey::from_secret(RSA_PUBLIC),
+            );
+            assert_eq!(auth.verify(&forged), Err(AuthError::InvalidToken));
+            // And with only RS256 allowed, an HS256 token is refused outright.
+            let mut rs_only = config(&[Algorithm::RS256]);
+            rs_only.public_key = file(RSA_PUBLIC);
+            let auth = Authenticator::new(&rs_only).unwrap();
+            assert_eq!(auth.verify(&forged), Err(AuthError::InvalidToken));
+        }
+
+        #[test]
+        fn the_previous_secret_is_still_accepted_during_rotation() {
+            let mut c = config(&[Algorithm::HS256]);
+            c.secret = Some(JwtSecret::new("new-secret-new-secret-new-secret!!"));
+            c.previous_secret = Some(JwtSecret::new("old-secret-old-secret-old-secret!!"));
+            let auth = Authenticator::new(&c).unwrap();
+            for (secret, ok) in [
+                ("new-secret-new-secret-new-secret!!", true),
+                ("old-secret-old-secret-old-secret!!", true),
+                ("older-secret-older-secret-older!!!", false),
+            ] {
+                let token = mint_token(secret.as_bytes(), "u1", "u1@example.com", None).unwrap();
+                assert_eq!(auth.verify(&token).is_ok(), ok, "{secret}");
+            }
+        }
+
+        #[test]
+        fn issuer_and_audience_are_enforced_when_set() {
+            let mut c = config(&[Algorithm::HS256]);
+            c.secret = Some(JwtSecret::new("secret"));
+            c.issuer = Some("https://auth.example".into());
+            c.audience = vec!["ensure-user".into()];
+            let auth = Authenticator::new(&c).unwrap();
+            let key = EncodingKey::from_secret(b"secret");
+            let with = |extra: serde_json::Value| {
+                let mut claims = claims();
+                claims
+                    .as_object_mut()
+                    .unwrap()
+                    .extend(extra.as_object().unwrap().clone());
+                sign(Header::new(Algorithm::HS256), claims, &key)
+            };
+            assert!(auth
+                .verify(&with(
+                    json!({"iss": "https://auth.example", "aud": "ensure-user"})
+                ))
+                .is_ok());
+            for bad in [
+                json!({"iss": "https://evil.example", "aud": "ensure-user"}),
+                json!({"iss": "https://auth.example", "aud": "someone-else"}),
+                json!({"aud": "ensure-user"}),
+                json!({"iss": "https://auth.example"}),
+            ] {
+                assert_eq!(
+                    auth.verify(&with(bad.clone())),
+                    Err(AuthError::InvalidToken),
+                    "{bad}"
+                );
+            }
+        }
+
+        #[test]
+        fn unusable_key_files_are_configuration_errors() {
+            let mut c = config(&[Algorithm::RS256]);
+            c.public_key = file(b"not a pem");
+            assert_eq!(
+                Authenticator::new(&c).unwrap_err().setting,
+                "JWT_PUBLIC_KEY_FILE"
+            );
+            let mut c = config(&[Algorithm::RS256]);
+            c.jwks = file(b"{}");
+            assert_eq!(Authenticator::new(&c).unwrap_err().setting, "JWT_JWKS_FILE");
+        }
     }
 }

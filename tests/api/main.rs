@@ -7,5 +7,6 @@ mod durability;
 mod ensure;
 mod faults;
 mod helpers;
+mod hostile;
 mod http;
 mod processes;
