@@ -9,11 +9,13 @@ use std::collections::HashSet;
 use std::fmt;
 
 use hyper::header::{HeaderMap, AUTHORIZATION};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, JwtConfig};
+
+pub use jsonwebtoken::Algorithm;
 
 /// Tokens longer than this are refused unparsed: no legitimate platform token comes close,
 /// and base64-decoding megabytes of attacker input is a cheap denial of service.
@@ -496,6 +498,41 @@ mod tests {
     fn oversized_tokens_are_invalid() {
         let token = "a".repeat(MAX_TOKEN_BYTES + 1);
         assert_eq!(auth().verify(&token), Err(AuthError::InvalidToken));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever bytes arrive as `Authorization`, the answer is one of the contract's
+            /// refusals or a verified identity, never a panic.
+            #[test]
+            fn any_authorization_header_is_answered(raw in proptest::collection::vec(any::<u8>(), 0..600)) {
+                let mut headers = HeaderMap::new();
+                if let Ok(value) = HeaderValue::from_bytes(&raw) {
+                    headers.insert(AUTHORIZATION, value);
+                }
+                let _ = auth().authenticate(&headers);
+            }
+
+            /// Token-shaped garbage (three base64url-ish segments) never verifies.
+            #[test]
+            fn forged_tokens_never_verify(a in "[A-Za-z0-9_-]{0,200}", b in "[A-Za-z0-9_-]{0,400}", c in "[A-Za-z0-9_-]{0,100}") {
+                let token = format!("{a}.{b}.{c}");
+                prop_assert!(auth().verify(&token).is_err());
+            }
+
+            /// Every usable identity survives minting and verification unchanged.
+            #[test]
+            fn minted_identities_round_trip(user_id in "[a-zA-Z0-9_.:-]{1,128}", local in "[a-z0-9.+_-]{1,64}", domain in "[a-z0-9-]{1,30}\\.[a-z]{2,10}") {
+                let email = format!("{local}@{domain}");
+                let token = mint_token(b"secret", &user_id, &email, None).unwrap();
+                let id = auth().verify(&token).unwrap();
+                prop_assert_eq!(id.user_id, user_id);
+                prop_assert_eq!(id.email, email);
+            }
+        }
     }
 
     mod keys {

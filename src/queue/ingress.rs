@@ -269,4 +269,29 @@ mod tests {
             assert_eq!(EnsureRequest::decode(&entry), Err(expected));
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any fields at all decode to a request or a DecodeError, never a panic.
+            #[test]
+            fn any_entry_decodes_or_is_refused(fields in proptest::collection::vec((".{0,20}", proptest::collection::vec(any::<u8>(), 0..40)), 0..8)) {
+                let entry = RawEntry {
+                    id: "1-0".into(),
+                    deliveries: 1,
+                    fields: Some(fields.into_iter().map(|(k, v)| (k, v)).collect()),
+                };
+                let _ = EnsureRequest::decode(&entry);
+            }
+
+            /// Whatever strings a request carries, they come back from the stream unchanged.
+            #[test]
+            fn requests_round_trip(request_id in ".{1,40}", user_id in ".{1,128}", email in ".{1,254}", reply_to in ".{0,40}", at in any::<u64>()) {
+                let request = EnsureRequest { request_id, user_id, email, reply_to, enqueued_at_ms: at };
+                prop_assert_eq!(EnsureRequest::decode(&entry_of(&request)), Ok(request));
+            }
+        }
+    }
 }
