@@ -281,7 +281,7 @@ mod tests {
                 let entry = RawEntry {
                     id: "1-0".into(),
                     deliveries: 1,
-                    fields: Some(fields.into_iter().map(|(k, v)| (k, v)).collect()),
+                    fields: Some(fields),
                 };
                 let _ = EnsureRequest::decode(&entry);
             }
