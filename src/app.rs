@@ -24,7 +24,7 @@ use crate::http::routes::{ApiState, Readiness};
 use crate::queue::monitor::QueueMonitor;
 use crate::queue::status::StatusKeys;
 use crate::queue::{self, ingress, outcome};
-use crate::store::SqliteStore;
+use crate::store::Store;
 use crate::telemetry;
 use crate::worker::job::EngineConfirmation;
 use crate::worker::retry::RetryPolicy;
@@ -106,7 +106,12 @@ impl Application {
             store: None,
         };
         let worker = if mode.works() {
-            let store = SqliteStore::open(&config.database_path, Duration::from_secs(5))?;
+            let store = Store::open(
+                config.database_url.as_deref(),
+                &config.database_path,
+                config.worker_concurrency * 2,
+            )
+            .await?;
             let engine_conn = queue::connect(&config.engine_redis_url, Duration::from_secs(2))?;
             readiness.engine = Some(engine_conn.clone());
             readiness.store = Some(store.clone());
@@ -279,14 +284,13 @@ impl Application {
 
 /// Keeps the `dependency_up` gauges current (every 5 s), as `/readyz` would answer.
 async fn watch_dependencies(api: Arc<ApiState>, shutdown: CancellationToken) {
-    let all: &[&str] = if api.readiness.store.is_some() {
-        &["queue_redis", "engine_redis", "sqlite"]
-    } else {
-        &["queue_redis"]
-    };
+    let mut all = vec!["queue_redis"];
+    if let Some(store) = &api.readiness.store {
+        all.extend(["engine_redis", store.name()]);
+    }
     loop {
         let failing = api.readiness.failing().await;
-        for name in all {
+        for name in &all {
             let up = if failing.contains(name) { 0.0 } else { 1.0 };
             metrics::gauge!(telemetry::DEPENDENCY_UP, "dependency" => *name).set(up);
         }

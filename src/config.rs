@@ -111,6 +111,8 @@ pub struct Config {
     /// How long the listener gives the queue Redis to take an entry before answering 503.
     pub enqueue_timeout: Duration,
     pub database_path: PathBuf,
+    /// `postgres://…`: the store is PostgreSQL instead of SQLite.
+    pub database_url: Option<String>,
     pub worker_concurrency: usize,
     pub worker_batch_size: usize,
     pub worker_block: Duration,
@@ -365,6 +367,18 @@ impl Config {
             }
         };
         let ensure_stream = s.string("ENSURE_STREAM", "stream:ensure-user");
+        let database_url = s.get("DATABASE_URL");
+        if let Some(url) = &database_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(ConfigError::new(
+                    "DATABASE_URL",
+                    "must start with postgres:// (unset it to use SQLite)",
+                ));
+            }
+            url.parse::<tokio_postgres::Config>().map_err(|e| {
+                ConfigError::new("DATABASE_URL", format!("not a usable PostgreSQL URL: {e}"))
+            })?;
+        }
         let engine_confirm = match s
             .string("ENGINE_CONFIRM", "publish")
             .to_ascii_lowercase()
@@ -392,6 +406,7 @@ impl Config {
             ensure_wait: s.millis("ENSURE_WAIT_MS", 5000)?,
             enqueue_timeout,
             database_path: PathBuf::from(s.string("DATABASE_PATH", "./data/ensure-user.db")),
+            database_url,
             worker_concurrency: s.positive("WORKER_CONCURRENCY", 4)?,
             worker_batch_size: s.positive("WORKER_BATCH_SIZE", 256)?,
             worker_block,

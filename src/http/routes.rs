@@ -19,7 +19,7 @@ use super::responses::{self, ApiError, HttpResponse};
 use crate::queue::dead_letters::now_millis;
 use crate::queue::ingress::{EnsureRequest, Ingress};
 use crate::queue::outcome::{Heard, Outcome, Waiters};
-use crate::store::SqliteStore;
+use crate::store::Store;
 use crate::telemetry;
 
 /// Bodies up to this size are read and ignored; larger ones are refused with 413.
@@ -32,7 +32,7 @@ const REQUESTS_PREFIX: &str = "/api/v1/auth/ensure-user/requests/";
 pub struct Readiness {
     pub queue: ConnectionManager,
     pub engine: Option<ConnectionManager>,
-    pub store: Option<SqliteStore>,
+    pub store: Option<Store>,
 }
 
 impl Readiness {
@@ -61,7 +61,7 @@ impl Readiness {
             failing.push("engine_redis");
         }
         if !store_ok {
-            failing.push("sqlite");
+            failing.push(self.store.as_ref().map_or("sqlite", Store::name));
         }
         failing
     }

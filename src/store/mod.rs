@@ -1,12 +1,81 @@
 //! Where ensured users are kept: the `users` table.
 //!
-//! SQLite is the default (one file, one writer thread). The rules every store keeps:
+//! SQLite is the default (one file, one writer thread); PostgreSQL serves many worker
+//! hosts. The rules every store keeps:
 //! ensuring the same user again adds no row, and an email that already belongs to another
 //! user id resolves to that owner instead of moving or duplicating anything.
 
+pub mod postgres;
 pub mod sqlite;
 
-pub use sqlite::{SqliteStore, StoreError};
+use std::path::Path;
+use std::time::Duration;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// A store failure that concerns the whole batch.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// Worth retrying: the database is busy, locked or unreachable, or the disk hiccupped.
+    #[error("the database is temporarily unavailable: {0}")]
+    Transient(String),
+    /// Not worth retrying as it is (e.g. the file is not a database).
+    #[error("the database failed: {0}")]
+    Fatal(String),
+    #[error("the SQLite writer thread has stopped")]
+    Stopped,
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, StoreError::Fatal(_))
+    }
+}
+
+/// The configured store: SQLite by default, PostgreSQL when `DATABASE_URL` is set.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Sqlite(SqliteStore),
+    Postgres(PostgresStore),
+}
+
+impl Store {
+    /// Opens PostgreSQL when a URL is given, else the SQLite file.
+    pub async fn open(
+        database_url: Option<&str>,
+        sqlite_path: &Path,
+        pool_size: usize,
+    ) -> anyhow::Result<Self> {
+        Ok(match database_url {
+            Some(url) => Store::Postgres(PostgresStore::open(url, pool_size).await?),
+            None => Store::Sqlite(SqliteStore::open(sqlite_path, Duration::from_secs(5))?),
+        })
+    }
+
+    /// Makes sure of every user in one transaction; one [`Resolution`] per user, in order.
+    pub async fn upsert(&self, users: Vec<NewUser>) -> Result<Vec<Resolution>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.upsert(users).await,
+            Store::Postgres(p) => p.upsert(users).await,
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.ping().await,
+            Store::Postgres(p) => p.ping().await,
+        }
+    }
+
+    /// The name `/readyz` and the metrics report this store under.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+}
 
 /// A user to make sure of.
 #[derive(Debug, Clone, PartialEq, Eq)]

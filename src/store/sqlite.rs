@@ -12,7 +12,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OptionalExtension};
 use tokio::sync::oneshot;
 
-use super::{NewUser, Resolution};
+use super::{NewUser, Resolution, StoreError};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
 const MIGRATIONS: &[&str] = &[
@@ -31,25 +31,6 @@ const INSERT: &str = "INSERT INTO users (user_id, email) VALUES (?1, ?2) ON CONF
 const TOUCH_BY_EMAIL: &str =
     "UPDATE users SET last_ensured_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
      WHERE email = ?1 RETURNING user_id";
-
-/// A store failure that concerns the whole batch.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    /// Worth retrying: the database is busy or locked, or the disk hiccupped.
-    #[error("SQLite is temporarily unavailable: {0}")]
-    Transient(String),
-    /// Not worth retrying as it is (e.g. the file is not a database).
-    #[error("SQLite failed: {0}")]
-    Fatal(String),
-    #[error("the SQLite writer thread has stopped")]
-    Stopped,
-}
-
-impl StoreError {
-    pub fn is_retryable(&self) -> bool {
-        !matches!(self, StoreError::Fatal(_))
-    }
-}
 
 /// Busy, locked, out of disk or memory, an I/O hiccup: the same work may succeed later.
 fn is_transient(e: &rusqlite::Error) -> bool {

@@ -20,7 +20,7 @@ use crate::queue::ingress::EnsureRequest;
 use crate::queue::outcome::{Delivery, Outcome, OutcomeBus};
 use crate::queue::status::{RequestRecord, RequestState, StatusKeys};
 use crate::queue::RawEntry;
-use crate::store::{NewUser, Resolution, SqliteStore};
+use crate::store::{NewUser, Resolution, Store};
 use crate::telemetry;
 
 /// `ENGINE_CONFIRM=ack`: where replies arrive and how long to wait for one.
@@ -31,7 +31,7 @@ pub struct EngineConfirmation {
 
 /// Everything a worker needs, shared by all consumers of a process.
 pub struct WorkerContext {
-    pub store: SqliteStore,
+    pub store: Store,
     pub engine: EnginePublisher,
     /// `Some` in acknowledgement mode.
     pub confirm: Option<EngineConfirmation>,

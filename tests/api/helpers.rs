@@ -424,3 +424,119 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// A database of the test's own: a SQLite file, or a PostgreSQL schema (in the machine's
+/// `test` database, dropped when the test ends).
+pub enum TestDb {
+    Sqlite(tempfile::TempDir),
+    Postgres { schema: String, url: String },
+}
+
+pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+impl TestDb {
+    pub fn sqlite() -> Self {
+        TestDb::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    pub async fn postgres() -> Self {
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let (client, conn) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
+            .await
+            .expect("PostgreSQL must listen on 127.0.0.1:5432 (see README: Development)");
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+        let url = format!("{POSTGRES}?options=-csearch_path%3D{schema}");
+        TestDb::Postgres { schema, url }
+    }
+
+    pub fn url(&self) -> Option<&str> {
+        match self {
+            TestDb::Sqlite(_) => None,
+            TestDb::Postgres { url, .. } => Some(url),
+        }
+    }
+
+    pub async fn open(&self) -> ensure_user::store::Store {
+        let path = match self {
+            TestDb::Sqlite(dir) => dir.path().join("users.db"),
+            TestDb::Postgres { .. } => PathBuf::from("unused"),
+        };
+        ensure_user::store::Store::open(self.url(), &path, 8)
+            .await
+            .unwrap()
+    }
+
+    async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(self.url().unwrap(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
+    pub async fn rows(&self) -> Vec<(String, String)> {
+        match self {
+            TestDb::Sqlite(dir) => rows(&dir.path().join("users.db")),
+            TestDb::Postgres { .. } => self
+                .client()
+                .await
+                .query("SELECT user_id, email FROM users ORDER BY user_id", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect(),
+        }
+    }
+
+    /// Makes the database refuse rows of `user_id`, as a constraint the service does not know.
+    pub async fn refuse(&self, user_id: &str) {
+        match self {
+            TestDb::Sqlite(dir) => rusqlite::Connection::open(dir.path().join("users.db"))
+                .unwrap()
+                .execute_batch(&format!(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON users WHEN NEW.user_id = '{user_id}'
+                     BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;"
+                ))
+                .unwrap(),
+            TestDb::Postgres { .. } => self
+                .client()
+                .await
+                .batch_execute(&format!(
+                    "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN
+                       IF NEW.user_id = '{user_id}' THEN RAISE EXCEPTION 'refused by the test'; END IF;
+                       RETURN NEW; END $$ LANGUAGE plpgsql;
+                     CREATE TRIGGER refuse BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION refuse();"
+                ))
+                .await
+                .unwrap(),
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let TestDb::Postgres { schema, .. } = self {
+            let sql = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
+            // Drop runs inside the test's runtime; a thread of its own may block.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()?;
+                rt.block_on(async {
+                    let (client, conn) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
+                        .await
+                        .ok()?;
+                    tokio::spawn(conn);
+                    client.batch_execute(&sql).await.ok()
+                })
+            })
+            .join();
+        }
+    }
+}

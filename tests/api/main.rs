@@ -10,3 +10,4 @@ mod helpers;
 mod hostile;
 mod http;
 mod processes;
+mod store;

@@ -1,0 +1,142 @@
+//! The store's rules, run the same way against SQLite and PostgreSQL.
+
+use std::sync::Arc;
+
+use ensure_user::store::{NewUser, Resolution};
+
+use crate::helpers::*;
+
+fn user(id: &str, email: &str) -> NewUser {
+    NewUser {
+        user_id: id.into(),
+        email: email.into(),
+    }
+}
+
+fn stored(id: &str) -> Resolution {
+    Resolution::Stored {
+        canonical_id: id.into(),
+    }
+}
+
+/// Every rule, against one store.
+async fn behaviour(db: &TestDb) {
+    let store = db.open().await;
+
+    // The same user again adds no row.
+    assert_eq!(
+        store.upsert(vec![user("u1", "a@x.com")]).await.unwrap(),
+        vec![stored("u1")]
+    );
+    assert_eq!(
+        store.upsert(vec![user("u1", "a@x.com")]).await.unwrap(),
+        vec![stored("u1")]
+    );
+    // An email that belongs to another id resolves to its owner.
+    assert_eq!(
+        store.upsert(vec![user("u2", "a@x.com")]).await.unwrap(),
+        vec![stored("u1")]
+    );
+    // An existing id keeps its email.
+    assert_eq!(
+        store.upsert(vec![user("u1", "new@x.com")]).await.unwrap(),
+        vec![stored("u1")]
+    );
+    // In one batch, in arrival order.
+    let got = store
+        .upsert(vec![
+            user("u3", "c@x.com"),
+            user("u4", "c@x.com"),
+            user("u3", "c@x.com"),
+            user("u5", "e@x.com"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        vec![stored("u3"), stored("u3"), stored("u3"), stored("u5")]
+    );
+    assert_eq!(
+        db.rows().await,
+        vec![
+            ("u1".to_string(), "a@x.com".to_string()),
+            ("u3".into(), "c@x.com".into()),
+            ("u5".into(), "e@x.com".into())
+        ]
+    );
+
+    // Concurrent batches that overlap: one row per user, one owner per email.
+    let store = Arc::new(store);
+    let tasks = (0..8).map(|t| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let users = (0..40).map(|i| {
+                user(
+                    &format!("c{}", (i + t * 7) % 60),
+                    &format!("c{}@x.com", (i + t * 7) % 60),
+                )
+            });
+            store.upsert(users.collect()).await.unwrap()
+        })
+    });
+    for task in futures_util::future::join_all(tasks).await {
+        assert!(task
+            .unwrap()
+            .iter()
+            .all(|r| matches!(r, Resolution::Stored { .. })));
+    }
+    let rows = db.rows().await;
+    assert_eq!(
+        rows.iter().filter(|(id, _)| id.starts_with('c')).count(),
+        60
+    );
+
+    // A row the database refuses is refused alone; its neighbours are stored.
+    db.refuse("bad").await;
+    let got = store
+        .upsert(vec![
+            user("g1", "g1@x.com"),
+            user("bad", "bad@x.com"),
+            user("g2", "g2@x.com"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(got[0], stored("g1"));
+    assert!(
+        matches!(&got[1], Resolution::Refused { .. }),
+        "{:?}",
+        got[1]
+    );
+    assert_eq!(got[2], stored("g2"));
+    store.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn sqlite_keeps_the_rules() {
+    behaviour(&TestDb::sqlite()).await;
+}
+
+#[tokio::test]
+async fn postgres_keeps_the_rules() {
+    behaviour(&TestDb::postgres().await).await;
+}
+
+#[tokio::test]
+async fn the_service_runs_end_to_end_on_postgres() {
+    let db = TestDb::postgres().await;
+    let url = db.url().unwrap().to_string();
+    let app = spawn_app_with(|v| set(v, "DATABASE_URL", &url)).await;
+
+    let response = app.ensure(&token("pg-user", "pg@example.com")).await;
+
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        db.rows().await,
+        vec![("pg-user".to_string(), "pg@example.com".to_string())]
+    );
+    assert!(app.rows().is_empty(), "nothing went to SQLite");
+    assert_eq!(app.wait_for_engine_entries(1).await.len(), 1);
+    let ready: serde_json::Value = app.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["status"], "ready");
+    app.shutdown().await.unwrap();
+}
