@@ -332,3 +332,71 @@ async fn an_entry_delivered_too_often_is_dead_lettered_with_its_history() {
     );
     assert!(serve.terminate().await.success());
 }
+
+#[tokio::test]
+async fn three_workers_on_postgres_lose_nothing_when_one_is_killed() {
+    let queue = RedisServer::start().await;
+    let engine = RedisServer::start().await;
+    let db = TestDb::postgres().await;
+    let scratch = tempfile::tempdir().unwrap();
+    let mut vars = test_vars(&queue, &engine, &scratch.path().join("unused.db"));
+    set(&mut vars, "DATABASE_URL", db.url().unwrap());
+    set(&mut vars, "ENSURE_WAIT_MS", "0");
+    let listener = Process::spawn(&["listen"], &vars).await;
+    let doomed = Process::spawn(&["work"], &vars).await;
+    let others = [
+        Process::spawn(&["work"], &vars).await,
+        Process::spawn(&["work"], &vars).await,
+    ];
+
+    // Hold the table so the workers' transactions wait and every worker has entries pending.
+    let blocker = db.client().await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE users IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut accepted = send_load(listener.address, "pg-a", 300).await;
+    let doomed_pid = format!("-{}-", doomed.pid());
+    eventually("the doomed worker to hold pending entries", || async {
+        let pending = pending_by_consumer(&queue).await;
+        pending
+            .iter()
+            .any(|(name, n)| name.contains(&doomed_pid) && *n > 0)
+            .then_some(())
+    })
+    .await;
+    doomed.kill9();
+    blocker.batch_execute("COMMIT").await.unwrap();
+    accepted.extend(send_load(listener.address, "pg-b", 100).await);
+    assert_eq!(accepted.len(), 400, "every request is accepted");
+
+    eventually("all 400 stored in PostgreSQL", || async {
+        (db.rows().await.len() == 400).then_some(())
+    })
+    .await;
+    let stored: BTreeSet<String> = db.rows().await.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(stored, accepted, "each accepted user stored exactly once");
+    eventually("every user published", || async {
+        let published: BTreeSet<String> = engine
+            .entries("stream:exness")
+            .await
+            .iter()
+            .filter_map(|e| serde_json::from_str::<Value>(&engine_message(e)).ok())
+            .filter_map(|v| v["userId"].as_str().map(str::to_string))
+            .collect();
+        accepted.is_subset(&published).then_some(())
+    })
+    .await;
+    eventually("nothing left pending", || async {
+        (pending_count(&queue).await == 0).then_some(())
+    })
+    .await;
+    eprintln!(
+        "accepted 400, stored in PostgreSQL {}, all published",
+        stored.len()
+    );
+    for worker in others {
+        assert!(worker.terminate().await.success());
+    }
+    assert!(listener.terminate().await.success());
+}

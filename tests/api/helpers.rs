@@ -470,7 +470,7 @@ impl TestDb {
             .unwrap()
     }
 
-    async fn client(&self) -> tokio_postgres::Client {
+    pub async fn client(&self) -> tokio_postgres::Client {
         let (client, conn) = tokio_postgres::connect(self.url().unwrap(), tokio_postgres::NoTls)
             .await
             .unwrap();
