@@ -77,16 +77,18 @@ impl Application {
         let shutdown = CancellationToken::new();
         let listener_id = uuid::Uuid::new_v4().simple().to_string();
         let waiters = Arc::new(outcome::Waiters::default());
-        let queue_conn = queue::connect(&config.redis_url, config.enqueue_timeout)?;
+        let topology = config.queue_topology();
+        let queue_conn = queue::connect_queue(&topology, config.enqueue_timeout).await?;
 
         // The group is created here when missing, so entries queued before any worker
         // starts are kept for it; workers create it too when the Redis was down now.
-        match tokio::time::timeout(
-            Duration::from_secs(2),
-            ingress::ensure_group(&queue_conn, &config.ensure_stream, &config.ensure_group),
-        )
-        .await
-        {
+        let groups = async {
+            for stream in &topology.shards {
+                ingress::ensure_group(&queue_conn, stream, &config.ensure_group).await?;
+            }
+            Ok::<_, redis::RedisError>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(2), groups).await {
             Ok(Ok(())) => warn_unless_durable(&queue_conn).await,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "queue Redis is not answering; ensure requests get 503 until it does")
@@ -97,7 +99,6 @@ impl Application {
         }
 
         let status = StatusKeys {
-            ensure_stream: config.ensure_stream.clone(),
             ttl_secs: config.outcome_ttl_secs,
         };
         let mut readiness = Readiness {
@@ -131,7 +132,7 @@ impl Application {
                     Duration::from_secs(2),
                 ),
                 confirm,
-                status: status.clone(),
+                status,
                 max_deliveries: config.max_deliveries,
                 queue: queue_conn.clone(),
                 outcomes: outcome::OutcomeBus::new(
@@ -139,9 +140,7 @@ impl Application {
                     queue_conn.clone(),
                     config.ensure_stream.clone(),
                 ),
-                ensure_stream: config.ensure_stream.clone(),
                 group: config.ensure_group.clone(),
-                dead_stream: config.dead_letter_stream(),
                 retry: RetryPolicy {
                     initial: config.retry_initial,
                     max: config.retry_max,
@@ -157,9 +156,9 @@ impl Application {
             ingress: mode.listens().then(|| {
                 ingress::Ingress::new(
                     queue_conn.clone(),
-                    config.ensure_stream.clone(),
+                    topology.clone(),
                     config.enqueue_timeout,
-                    status.clone(),
+                    status,
                 )
             }),
             waiters,
@@ -232,9 +231,8 @@ impl Application {
         tracker.spawn(
             QueueMonitor {
                 conn: self.api.readiness.queue.clone(),
-                ensure_stream: self.config.ensure_stream.clone(),
+                shards: self.config.queue_topology().shards,
                 group: self.config.ensure_group.clone(),
-                dead_stream: self.config.dead_letter_stream(),
                 backlog: Arc::clone(&self.api.backlog),
                 max_backlog: self.config.queue_max_backlog,
             }
@@ -257,14 +255,14 @@ impl Application {
             WorkerPool::new(
                 Arc::clone(ctx),
                 PoolSettings {
-                    redis_url: self.config.redis_url.clone(),
+                    topology: self.config.queue_topology(),
                     concurrency: self.config.worker_concurrency,
                     batch_size: self.config.worker_batch_size,
                     block: self.config.worker_block,
                     claim_idle: self.config.claim_idle,
                 },
             )
-            .spawn(&tracker)?;
+            .spawn(&tracker);
         }
         tracker.close();
 
@@ -302,7 +300,7 @@ async fn watch_dependencies(api: Arc<ApiState>, shutdown: CancellationToken) {
 }
 
 /// Logs a warning when the queue's Redis would lose acknowledged entries on a restart.
-async fn warn_unless_durable(conn: &redis::aio::ConnectionManager) {
+async fn warn_unless_durable(conn: &queue::RedisConn) {
     let mut conn = conn.clone();
     let settings: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
         .arg("GET")

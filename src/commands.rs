@@ -90,31 +90,30 @@ fn token(user_id: &str, email: &str, ttl: Option<u64>) -> anyhow::Result<()> {
 
 async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
     let config = Config::from_env()?;
-    let conn = queue::connect(&config.redis_url, std::time::Duration::from_secs(5))?;
-    let tools = DeadLetters::new(
-        conn,
-        config.ensure_stream.clone(),
-        config.dead_letter_stream(),
-    );
+    let topology = config.queue_topology();
+    let conn = queue::connect_queue(&topology, std::time::Duration::from_secs(5)).await?;
+    let tools = DeadLetters::new(conn, topology.shards.clone());
+    let streams = topology
+        .shards
+        .iter()
+        .map(|s| queue::dead_stream(s))
+        .collect::<Vec<_>>()
+        .join(", ");
     match command {
         DeadLetterCommand::List { json } => {
             let letters = tools.list().await?;
             if json {
-                for letter in &letters {
-                    println!("{}", letter_json(letter));
+                for (stream, letter) in &letters {
+                    println!("{}", letter_json(stream, letter));
                 }
             } else {
                 print_table(&letters);
             }
-            eprintln!(
-                "{} dead letter(s) on {}",
-                letters.len(),
-                config.dead_letter_stream()
-            );
+            eprintln!("{} dead letter(s) on {streams}", letters.len());
         }
         DeadLetterCommand::Replay { ids, all } => {
             let ids = if all {
-                tools.list().await?.into_iter().map(|l| l.id).collect()
+                tools.list().await?.into_iter().map(|(_, l)| l.id).collect()
             } else if ids.is_empty() {
                 anyhow::bail!("name the dead letters to replay, or pass --all");
             } else {
@@ -125,7 +124,7 @@ async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
                 match tools.replay(id).await? {
                     Some(new_id) => {
                         replayed += 1;
-                        println!("replayed {id} as {new_id} on {}", config.ensure_stream);
+                        println!("replayed {id} as {new_id}");
                     }
                     None => println!("no dead letter {id}"),
                 }
@@ -134,10 +133,7 @@ async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
         }
         DeadLetterCommand::Purge { older_than } => {
             let removed = tools.purge(older_than).await?;
-            println!(
-                "purged {removed} dead letter(s) from {}",
-                config.dead_letter_stream()
-            );
+            println!("purged {removed} dead letter(s) from {streams}");
         }
     }
     Ok(())
@@ -147,19 +143,19 @@ fn text(value: &[u8]) -> String {
     String::from_utf8_lossy(value).into_owned()
 }
 
-fn letter_json(letter: &RawEntry) -> String {
+fn letter_json(stream: &str, letter: &RawEntry) -> String {
     let fields: serde_json::Map<String, serde_json::Value> = letter
         .fields
         .iter()
         .flatten()
         .map(|(k, v)| (k.clone(), serde_json::Value::String(text(v))))
         .collect();
-    serde_json::json!({ "id": letter.id, "fields": fields }).to_string()
+    serde_json::json!({ "id": letter.id, "stream": stream, "fields": fields }).to_string()
 }
 
-fn print_table(letters: &[RawEntry]) {
+fn print_table(letters: &[(String, RawEntry)]) {
     println!("{:<20} {:<24} {:<10} REASON", "ID", "USER_ID", "DELIVERIES");
-    for letter in letters {
+    for (_, letter) in letters {
         let field = |name| letter.field(name).map(text).unwrap_or_else(|| "-".into());
         println!(
             "{:<20} {:<24} {:<10} {}",

@@ -98,8 +98,14 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub jwt: JwtConfig,
-    /// The queue's Redis: what a 2xx depends on.
+    /// The queue's Redis: what a 2xx depends on (the first node, for a cluster).
     pub redis_url: String,
+    /// Every node URL given, for a Redis Cluster.
+    pub redis_nodes: Vec<String>,
+    /// The queue is a Redis Cluster (`REDIS_CLUSTER=true`, or several URLs in `REDIS_URL`).
+    pub redis_cluster: bool,
+    /// How many streams the ingress is split over.
+    pub ensure_shards: usize,
     /// The Engine's Redis; may be down without the listener noticing.
     pub engine_redis_url: String,
     pub ensure_stream: String,
@@ -332,7 +338,28 @@ impl Config {
         let port: u16 = s.parse("PORT", 8000, "a port number (0-65535)")?;
         let listen_addr = s.addr("LISTEN_ADDR", SocketAddr::from(([0, 0, 0, 0], port)))?;
         let metrics_addr = s.addr("METRICS_ADDR", SocketAddr::from(([0, 0, 0, 0], 9100)))?;
-        let redis_url = s.redis_url("REDIS_URL", "redis://127.0.0.1:6379")?;
+        let redis_nodes: Vec<String> = s
+            .string("REDIS_URL", "redis://127.0.0.1:6379")
+            .split(',')
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        for url in &redis_nodes {
+            redis::Client::open(url.as_str()).map_err(|e| {
+                ConfigError::new(
+                    "REDIS_URL",
+                    format!("{url:?} is not a usable Redis URL: {e}"),
+                )
+            })?;
+        }
+        let redis_url = redis_nodes.first().cloned().unwrap_or_default();
+        let redis_cluster = redis_nodes.len() > 1 || s.bool("REDIS_CLUSTER", false)?;
+        if redis_cluster && s.get("ENGINE_REDIS_URL").is_none() {
+            return Err(ConfigError::new(
+                "ENGINE_REDIS_URL",
+                "must be set when the queue is a Redis Cluster (the Engine reads one stream on one Redis)",
+            ));
+        }
         let engine_redis_url = s.redis_url("ENGINE_REDIS_URL", &redis_url)?;
         let worker_block = s.millis("WORKER_BLOCK_MS", 1000)?;
         if worker_block.is_zero() {
@@ -398,6 +425,9 @@ impl Config {
             metrics_addr,
             jwt: s.jwt()?,
             redis_url,
+            redis_nodes,
+            redis_cluster,
+            ensure_shards: s.positive("ENSURE_SHARDS", 1)?,
             engine_redis_url,
             ensure_group: s.string("ENSURE_GROUP", "ensure-workers"),
             engine_stream: s.string("ENGINE_STREAM", "stream:exness"),
@@ -429,9 +459,14 @@ impl Config {
         })
     }
 
-    /// The dead-letter stream that belongs to the ingress stream.
-    pub fn dead_letter_stream(&self) -> String {
-        format!("{}:dead", self.ensure_stream)
+    /// Where the queue lives and its shard streams.
+    pub fn queue_topology(&self) -> crate::queue::QueueTopology {
+        crate::queue::QueueTopology::new(
+            self.redis_nodes.clone(),
+            self.redis_cluster,
+            &self.ensure_stream,
+            self.ensure_shards,
+        )
     }
 }
 
@@ -453,7 +488,8 @@ mod tests {
         assert_eq!(c.redis_url, "redis://127.0.0.1:6379");
         assert_eq!(c.engine_redis_url, c.redis_url);
         assert_eq!(c.ensure_stream, "stream:ensure-user");
-        assert_eq!(c.dead_letter_stream(), "stream:ensure-user:dead");
+        assert_eq!(c.queue_topology().shards, vec!["stream:ensure-user"]);
+        assert!(!c.redis_cluster);
         assert_eq!(c.ensure_group, "ensure-workers");
         assert_eq!(c.engine_stream, "stream:exness");
         assert_eq!(c.engine_reply_stream, "stream:exnessReceive");
@@ -479,6 +515,11 @@ mod tests {
             (&[("WORKER_CONCURRENCY", "0")], "WORKER_CONCURRENCY"),
             (&[("LISTEN_ADDR", "localhost")], "LISTEN_ADDR"),
             (&[("LOG_FORMAT", "xml")], "LOG_FORMAT"),
+            (
+                &[("REDIS_URL", "redis://a:1,redis://b:2")],
+                "ENGINE_REDIS_URL",
+            ),
+            (&[("ENSURE_SHARDS", "0")], "ENSURE_SHARDS"),
             (&[("WORKER_BLOCK_MS", "0")], "WORKER_BLOCK_MS"),
             (&[("CLAIM_IDLE_MS", "10")], "CLAIM_IDLE_MS"),
             (&[("ENGINE_CONFIRM", "maybe")], "ENGINE_CONFIRM"),

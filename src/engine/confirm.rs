@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::queue::RedisConn;
 use redis::Value;
 use serde::Deserialize;
 use tokio::sync::oneshot;
@@ -82,7 +82,7 @@ impl Confirmations {
 
 /// Follows the reply stream until shutdown, confirming what it reads.
 pub async fn run_reply_reader(
-    mut conn: ConnectionManager,
+    mut conn: RedisConn,
     stream: String,
     confirmations: Arc<Confirmations>,
     shutdown: CancellationToken,

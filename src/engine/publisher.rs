@@ -2,14 +2,14 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::queue::RedisConn;
 
 use super::command::{EngineCommand, MESSAGE_FIELD};
 
 /// Appends commands to `ENGINE_STREAM`, one pipelined round trip per batch.
 #[derive(Clone)]
 pub struct EnginePublisher {
-    conn: ConnectionManager,
+    conn: RedisConn,
     stream: String,
     timeout: Duration,
 }
@@ -24,7 +24,7 @@ pub enum PublishError {
 }
 
 impl EnginePublisher {
-    pub fn new(conn: ConnectionManager, stream: String, timeout: Duration) -> Self {
+    pub fn new(conn: RedisConn, stream: String, timeout: Duration) -> Self {
         Self {
             conn,
             stream,
@@ -32,7 +32,7 @@ impl EnginePublisher {
         }
     }
 
-    pub fn connection(&self) -> &ConnectionManager {
+    pub fn connection(&self) -> &RedisConn {
         &self.conn
     }
 

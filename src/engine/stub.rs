@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::queue::RedisConn;
 use redis::Value;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -51,7 +51,7 @@ pub struct StubSettings {
 
 /// Runs the stub until shutdown.
 pub async fn run(
-    mut conn: ConnectionManager,
+    mut conn: RedisConn,
     settings: StubSettings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {

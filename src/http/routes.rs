@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 use hyper::{Method, Request, StatusCode};
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::Authenticator;
@@ -30,8 +29,8 @@ const REQUESTS_PREFIX: &str = "/api/v1/auth/ensure-user/requests/";
 
 /// The dependencies `/readyz` asks, by the name it reports them under.
 pub struct Readiness {
-    pub queue: ConnectionManager,
-    pub engine: Option<ConnectionManager>,
+    pub queue: crate::queue::RedisConn,
+    pub engine: Option<crate::queue::RedisConn>,
     pub store: Option<Store>,
 }
 
@@ -179,7 +178,7 @@ async fn request_status(
     }
     let record = tokio::time::timeout(
         Duration::from_secs(1),
-        ingress.status().fetch(ingress.connection(), &request_id),
+        ingress.status_of(&identity.user_id, &request_id),
     )
     .await
     .map_err(|_| ApiError::QueueUnavailable)?

@@ -7,10 +7,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redis::aio::ConnectionManager;
-
 use super::status::FailureHistory;
-use super::RawEntry;
+use super::{RawEntry, RedisConn};
 
 /// Fields a dead letter adds to the original entry's.
 pub mod fields {
@@ -71,91 +69,103 @@ impl DeadLetter {
     }
 }
 
-/// Operator tools over the dead-letter stream.
+/// Operator tools over the dead-letter streams (one per ingress shard).
 pub struct DeadLetters {
-    conn: ConnectionManager,
-    ingress: String,
-    dead: String,
+    conn: RedisConn,
+    shards: Vec<String>,
 }
 
 impl DeadLetters {
-    pub fn new(conn: ConnectionManager, ingress: String, dead: String) -> Self {
-        Self {
-            conn,
-            ingress,
-            dead,
+    pub fn new(conn: RedisConn, shards: Vec<String>) -> Self {
+        Self { conn, shards }
+    }
+
+    /// Every dead letter with the ingress stream it belongs to, oldest first per shard.
+    pub async fn list(&self) -> redis::RedisResult<Vec<(String, RawEntry)>> {
+        let mut all = Vec::new();
+        for stream in &self.shards {
+            let mut conn = self.conn.clone();
+            let value: redis::Value = redis::cmd("XRANGE")
+                .arg(super::dead_stream(stream))
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await?;
+            all.extend(
+                super::parse_entries(&value)
+                    .into_iter()
+                    .map(|e| (stream.clone(), e)),
+            );
         }
+        Ok(all)
     }
 
-    /// Every dead letter, oldest first.
-    pub async fn list(&self) -> redis::RedisResult<Vec<RawEntry>> {
-        let mut conn = self.conn.clone();
-        let value: redis::Value = redis::cmd("XRANGE")
-            .arg(&self.dead)
-            .arg("-")
-            .arg("+")
-            .query_async(&mut conn)
-            .await?;
-        Ok(super::parse_entries(&value))
-    }
-
-    /// Puts one dead letter back on the ingress stream and removes it, atomically.
+    /// Puts one dead letter back on its ingress stream and removes it, atomically.
     /// Returns the new ingress id, or `None` when no dead letter has that id.
     pub async fn replay(&self, id: &str) -> redis::RedisResult<Option<String>> {
-        let mut conn = self.conn.clone();
-        let value: redis::Value = redis::cmd("XRANGE")
-            .arg(&self.dead)
-            .arg(id)
-            .arg(id)
-            .query_async(&mut conn)
-            .await?;
-        let Some(entry) = super::parse_entries(&value).into_iter().next() else {
-            return Ok(None);
-        };
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let cmd = pipe.cmd("XADD").arg(&self.ingress).arg("*");
-        for (name, value) in entry.fields.iter().flatten() {
-            match name.as_str() {
-                n if n.starts_with("dead_") => {}
-                // The listener that waited is long gone; nobody waits for a replay.
-                super::ingress::fields::REPLY_TO => {
-                    cmd.arg(name).arg("");
-                }
-                _ => {
-                    cmd.arg(name).arg(value.as_slice());
+        for stream in &self.shards {
+            let dead = super::dead_stream(stream);
+            let mut conn = self.conn.clone();
+            let value: redis::Value = redis::cmd("XRANGE")
+                .arg(&dead)
+                .arg(id)
+                .arg(id)
+                .query_async(&mut conn)
+                .await?;
+            let Some(entry) = super::parse_entries(&value).into_iter().next() else {
+                continue;
+            };
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            let cmd = pipe.cmd("XADD").arg(stream).arg("*");
+            for (name, value) in entry.fields.iter().flatten() {
+                match name.as_str() {
+                    n if n.starts_with("dead_") => {}
+                    // The listener that waited is long gone; nobody waits for a replay.
+                    super::ingress::fields::REPLY_TO => {
+                        cmd.arg(name).arg("");
+                    }
+                    _ => {
+                        cmd.arg(name).arg(value.as_slice());
+                    }
                 }
             }
+            pipe.cmd("XDEL").arg(&dead).arg(id).ignore();
+            let (new_id,): (String,) = pipe.query_async(&mut conn).await?;
+            return Ok(Some(new_id));
         }
-        pipe.cmd("XDEL").arg(&self.dead).arg(id).ignore();
-        let (new_id,): (String,) = pipe.query_async(&mut conn).await?;
-        Ok(Some(new_id))
+        Ok(None)
     }
 
     /// Removes dead letters older than `min_age_ms` (all when `None`); returns how many.
     pub async fn purge(&self, min_age_ms: Option<u64>) -> redis::RedisResult<u64> {
-        let mut conn = self.conn.clone();
-        match min_age_ms {
-            None => {
-                let (len, _): (u64, ()) = redis::pipe()
-                    .atomic()
-                    .cmd("XLEN")
-                    .arg(&self.dead)
-                    .cmd("DEL")
-                    .arg(&self.dead)
-                    .query_async(&mut conn)
-                    .await?;
-                Ok(len)
-            }
-            Some(age) => {
-                let min_id = now_millis().saturating_sub(age);
-                redis::cmd("XTRIM")
-                    .arg(&self.dead)
-                    .arg("MINID")
-                    .arg(min_id)
-                    .query_async(&mut conn)
-                    .await
-            }
+        let mut removed = 0;
+        for stream in &self.shards {
+            let dead = super::dead_stream(stream);
+            let mut conn = self.conn.clone();
+            removed += match min_age_ms {
+                None => {
+                    let (len, _): (u64, ()) = redis::pipe()
+                        .atomic()
+                        .cmd("XLEN")
+                        .arg(&dead)
+                        .cmd("DEL")
+                        .arg(&dead)
+                        .query_async(&mut conn)
+                        .await?;
+                    len
+                }
+                Some(age) => {
+                    let min_id = now_millis().saturating_sub(age);
+                    redis::cmd("XTRIM")
+                        .arg(&dead)
+                        .arg("MINID")
+                        .arg(min_id)
+                        .query_async::<u64>(&mut conn)
+                        .await?
+                }
+            };
         }
+        Ok(removed)
     }
 }

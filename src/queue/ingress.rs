@@ -6,10 +6,8 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-
 use super::status::{RequestRecord, RequestState, StatusKeys};
-use super::RawEntry;
+use super::{QueueTopology, RawEntry, RedisConn};
 
 /// Field names of an ingress entry.
 pub mod fields {
@@ -96,45 +94,47 @@ pub enum EnqueueError {
     Redis(#[from] redis::RedisError),
 }
 
-/// The listener's side of the ingress stream.
+/// The listener's side of the ingress stream(s).
 #[derive(Clone)]
 pub struct Ingress {
-    conn: ConnectionManager,
-    stream: String,
+    conn: RedisConn,
+    topology: QueueTopology,
     timeout: Duration,
     status: StatusKeys,
 }
 
 impl Ingress {
     pub fn new(
-        conn: ConnectionManager,
-        stream: String,
+        conn: RedisConn,
+        topology: QueueTopology,
         timeout: Duration,
         status: StatusKeys,
     ) -> Self {
         Self {
             conn,
-            stream,
+            topology,
             timeout,
             status,
         }
     }
 
-    /// Appends the request, with its `queued` status record in the same MULTI (one round
-    /// trip), and returns the entry id once Redis has answered.
+    /// Appends the request to its user's shard, with its `queued` status record in the same
+    /// MULTI (one round trip), and returns the entry id once Redis has answered.
     ///
     /// On a timeout the command is abandoned: if it was never sent it never will be. The one
     /// ambiguous case (sent, but the answer lost) is described in the README.
     pub async fn enqueue(&self, request: &EnsureRequest) -> Result<String, EnqueueError> {
+        let stream = self.topology.shard_for(&request.user_id);
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
         pipe.atomic();
-        let xadd = pipe.cmd("XADD").arg(&self.stream).arg("*");
+        let xadd = pipe.cmd("XADD").arg(stream).arg("*");
         for (name, value) in request.to_fields() {
             xadd.arg(name).arg(value);
         }
         self.status.add_record(
             &mut pipe,
+            stream,
             &RequestRecord {
                 request_id: request.request_id.clone(),
                 state: RequestState::Queued,
@@ -150,21 +150,15 @@ impl Ingress {
         }
     }
 
-    /// Entries not yet acknowledged (acknowledged entries are deleted, so this is XLEN).
-    pub async fn backlog(&self) -> redis::RedisResult<u64> {
-        let mut conn = self.conn.clone();
-        redis::cmd("XLEN")
-            .arg(&self.stream)
-            .query_async(&mut conn)
+    /// The status record of a request of `user_id`, from that user's shard.
+    pub async fn status_of(
+        &self,
+        user_id: &str,
+        request_id: &str,
+    ) -> redis::RedisResult<Option<RequestRecord>> {
+        self.status
+            .fetch(&self.conn, self.topology.shard_for(user_id), request_id)
             .await
-    }
-
-    pub fn status(&self) -> &StatusKeys {
-        &self.status
-    }
-
-    pub fn connection(&self) -> &ConnectionManager {
-        &self.conn
     }
 }
 
@@ -172,7 +166,7 @@ impl Ingress {
 ///
 /// Starting at `0`, not `$`, so entries queued before any worker existed are still read.
 pub async fn ensure_group(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     stream: &str,
     group: &str,
 ) -> Result<(), redis::RedisError> {

@@ -18,24 +18,126 @@ use anyhow::Context as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
 
-/// Opens a reconnecting, multiplexed connection without waiting for the server.
+/// Opens a reconnecting, multiplexed connection to one Redis without waiting for it.
 ///
 /// The connection is lazy so that the process starts (and answers 503, and reports itself
 /// not ready) while a Redis is down; every command then waits at most `response_timeout`,
 /// and a command that times out before its connection exists is never sent later.
-pub fn connect(url: &str, response_timeout: Duration) -> anyhow::Result<ConnectionManager> {
+pub fn connect(url: &str, response_timeout: Duration) -> anyhow::Result<RedisConn> {
     let client = redis::Client::open(url).with_context(|| format!("bad Redis URL {url}"))?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(500)))
         .set_response_timeout(Some(response_timeout))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_millis(200));
-    ConnectionManager::new_lazy_with_config(client, config)
-        .with_context(|| format!("cannot set up a connection to {url}"))
+    let manager = ConnectionManager::new_lazy_with_config(client, config)
+        .with_context(|| format!("cannot set up a connection to {url}"))?;
+    Ok(RedisConn::Single(manager))
 }
 
-/// Answers whether a Redis server responds to PING within `timeout`.
-pub async fn ping(conn: &ConnectionManager, timeout: Duration) -> bool {
+/// Connects to the queue: one Redis, or a Redis Cluster through its node list.
+pub async fn connect_queue(
+    topology: &QueueTopology,
+    response_timeout: Duration,
+) -> anyhow::Result<RedisConn> {
+    if !topology.cluster {
+        return connect(&topology.nodes[0], response_timeout);
+    }
+    let client = redis::cluster::ClusterClientBuilder::new(topology.nodes.clone())
+        .connection_timeout(Duration::from_millis(500))
+        .response_timeout(response_timeout)
+        .retries(2)
+        .build()
+        .context("bad Redis Cluster node list (REDIS_URL)")?;
+    let conn = tokio::time::timeout(Duration::from_secs(5), client.get_async_connection())
+        .await
+        .context("the Redis Cluster did not answer within 5 s")?
+        .context("cannot connect to the Redis Cluster")?;
+    Ok(RedisConn::Cluster(conn))
+}
+
+/// A connection to one Redis (reconnecting) or to a Redis Cluster (routing by slot).
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where the queue lives: its Redis node(s), and the streams the ingress is split over.
+///
+/// With one shard on a plain Redis the stream keeps its configured name. Otherwise shard
+/// `i` is `<ENSURE_STREAM>:{i}`: the hash tag puts each shard's stream, dead letters,
+/// failure history and status records in one cluster slot, so one MULTI can cover them.
+#[derive(Debug, Clone)]
+pub struct QueueTopology {
+    pub nodes: Vec<String>,
+    pub cluster: bool,
+    pub shards: Vec<String>,
+}
+
+impl QueueTopology {
+    pub fn new(nodes: Vec<String>, cluster: bool, ensure_stream: &str, shards: usize) -> Self {
+        let shards = if shards == 1 && !cluster {
+            vec![ensure_stream.to_string()]
+        } else {
+            (0..shards)
+                .map(|i| format!("{ensure_stream}:{{{i}}}"))
+                .collect()
+        };
+        Self {
+            nodes,
+            cluster,
+            shards,
+        }
+    }
+
+    /// The shard stream of a user: a stable hash (FNV-1a) of the user id, so every listener
+    /// puts a user on the same shard.
+    pub fn shard_for(&self, user_id: &str) -> &str {
+        let mut hash: u64 = 0xcbf29ce484222325;
+        for b in user_id.bytes() {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x100000001b3);
+        }
+        &self.shards[(hash % self.shards.len() as u64) as usize]
+    }
+}
+
+/// The dead-letter stream of an ingress (shard) stream.
+pub fn dead_stream(stream: &str) -> String {
+    format!("{stream}:dead")
+}
+
+/// Answers whether Redis responds to PING within `timeout`.
+pub async fn ping(conn: &RedisConn, timeout: Duration) -> bool {
     let mut conn = conn.clone();
     let cmd = redis::cmd("PING");
     let ping = cmd.query_async::<String>(&mut conn);
@@ -45,10 +147,7 @@ pub async fn ping(conn: &ConnectionManager, timeout: Duration) -> bool {
 /// The id of a stream's newest entry (`0-0` when empty): where a reader that wants only
 /// what comes next starts. Unlike `$`, it can be reused across reads without missing the
 /// entries that arrive between them.
-pub async fn stream_end_id(
-    conn: &mut ConnectionManager,
-    stream: &str,
-) -> redis::RedisResult<String> {
+pub async fn stream_end_id(conn: &mut RedisConn, stream: &str) -> redis::RedisResult<String> {
     let last: Value = redis::cmd("XREVRANGE")
         .arg(stream)
         .arg("+")
@@ -156,6 +255,26 @@ mod tests {
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn shard_names_keep_the_contract_on_plain_redis() {
+        let plain = QueueTopology::new(vec!["redis://a".into()], false, "stream:ensure-user", 1);
+        assert_eq!(plain.shards, vec!["stream:ensure-user"]);
+        let sharded = QueueTopology::new(vec!["redis://a".into()], true, "stream:ensure-user", 3);
+        assert_eq!(
+            sharded.shards,
+            vec![
+                "stream:ensure-user:{0}",
+                "stream:ensure-user:{1}",
+                "stream:ensure-user:{2}"
+            ]
+        );
+        assert_eq!(sharded.shard_for("u1"), sharded.shard_for("u1"));
+        let used: std::collections::HashSet<&str> = (0..100)
+            .map(|i| sharded.shard_for(&format!("u{i}")))
+            .collect();
+        assert_eq!(used.len(), 3, "users spread over every shard");
     }
 
     #[test]

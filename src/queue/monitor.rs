@@ -6,18 +6,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::Value;
+
+use super::RedisConn;
 use tokio_util::sync::CancellationToken;
 
 use crate::telemetry;
 
 /// What to watch and where to put the backlog.
 pub struct QueueMonitor {
-    pub conn: ConnectionManager,
-    pub ensure_stream: String,
+    pub conn: RedisConn,
+    /// Every shard stream of the ingress.
+    pub shards: Vec<String>,
     pub group: String,
-    pub dead_stream: String,
     /// Entries on the ingress stream (unacknowledged ones: acknowledged entries are deleted).
     pub backlog: Arc<AtomicU64>,
     pub max_backlog: u64,
@@ -28,16 +29,14 @@ impl QueueMonitor {
     pub async fn run(self, every: Duration, shutdown: CancellationToken) {
         let mut over = false;
         loop {
-            if let Ok(Ok((length, dead, groups))) =
-                tokio::time::timeout(Duration::from_secs(1), self.sample()).await
+            if let Ok(Some((length, dead, pending, lag))) =
+                tokio::time::timeout(Duration::from_secs(1), self.sample_all()).await
             {
                 self.backlog.store(length, Ordering::Relaxed);
                 metrics::gauge!(telemetry::QUEUE_BACKLOG).set(length as f64);
                 metrics::gauge!(telemetry::DEAD_LETTERS).set(dead as f64);
-                if let Some((pending, lag)) = group_info(&groups, &self.group) {
-                    metrics::gauge!(telemetry::QUEUE_PENDING).set(pending as f64);
-                    metrics::gauge!(telemetry::QUEUE_LAG).set(lag as f64);
-                }
+                metrics::gauge!(telemetry::QUEUE_PENDING).set(pending as f64);
+                metrics::gauge!(telemetry::QUEUE_LAG).set(lag as f64);
                 let now_over = length > self.max_backlog;
                 if now_over != over {
                     if now_over {
@@ -62,16 +61,34 @@ impl QueueMonitor {
         }
     }
 
-    async fn sample(&self) -> redis::RedisResult<(u64, u64, Value)> {
+    /// `(length, dead letters, pending, lag)` summed over the shards; `None` when a shard
+    /// did not answer (a partial sum would under-report the backlog).
+    async fn sample_all(&self) -> Option<(u64, u64, u64, u64)> {
+        let mut total = (0, 0, 0, 0);
+        for stream in &self.shards {
+            let (length, dead, groups) = self.sample(stream).await.ok()?;
+            let (pending, lag) = group_info(&groups, &self.group).unwrap_or((0, 0));
+            total = (
+                total.0 + length,
+                total.1 + dead,
+                total.2 + pending,
+                total.3 + lag,
+            );
+        }
+        Some(total)
+    }
+
+    async fn sample(&self, stream: &str) -> redis::RedisResult<(u64, u64, Value)> {
         let mut conn = self.conn.clone();
+        // One shard's keys share a slot, so this pipeline goes to one node.
         redis::pipe()
             .cmd("XLEN")
-            .arg(&self.ensure_stream)
+            .arg(stream)
             .cmd("XLEN")
-            .arg(&self.dead_stream)
+            .arg(super::dead_stream(stream))
             .cmd("XINFO")
             .arg("GROUPS")
-            .arg(&self.ensure_stream)
+            .arg(stream)
             .query_async(&mut conn)
             .await
     }

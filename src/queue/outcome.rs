@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -236,14 +235,14 @@ pub struct Delivery {
 pub struct OutcomeBus {
     /// This process's listener, when it has one (`serve`).
     local: Option<(String, Arc<Waiters>)>,
-    conn: ConnectionManager,
+    conn: super::RedisConn,
     ensure_stream: String,
 }
 
 impl OutcomeBus {
     pub fn new(
         local: Option<(String, Arc<Waiters>)>,
-        conn: ConnectionManager,
+        conn: super::RedisConn,
         ensure_stream: String,
     ) -> Self {
         Self {

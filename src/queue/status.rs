@@ -9,7 +9,7 @@
 //! an entry first and last failed and why, across deliveries and processes, so a dead
 //! letter can say so. It is written only on failure and cleared on acknowledgement.
 
-use redis::aio::ConnectionManager;
+use super::RedisConn;
 use serde::{Deserialize, Serialize};
 
 use super::dead_letters::now_millis;
@@ -51,31 +51,31 @@ struct Stored<'a> {
     owner: &'a str,
 }
 
-/// Names and lifetime of the records of one ingress stream.
-#[derive(Debug, Clone)]
+/// Names and lifetime of the records; each belongs to an ingress (shard) stream, whose
+/// name (and so cluster hash tag) its keys start with.
+#[derive(Debug, Clone, Copy)]
 pub struct StatusKeys {
-    pub ensure_stream: String,
     pub ttl_secs: u64,
 }
 
 impl StatusKeys {
-    pub fn record_key(&self, request_id: &str) -> String {
-        format!("{}:request:{request_id}", self.ensure_stream)
+    pub fn record_key(stream: &str, request_id: &str) -> String {
+        format!("{stream}:request:{request_id}")
     }
 
-    pub fn failures_key(&self) -> String {
-        format!("{}:failures", self.ensure_stream)
+    pub fn failures_key(stream: &str) -> String {
+        format!("{stream}:failures")
     }
 
     /// Adds the write of `record` to a pipeline.
-    pub fn add_record(&self, pipe: &mut redis::Pipeline, record: &RequestRecord) {
+    pub fn add_record(&self, pipe: &mut redis::Pipeline, stream: &str, record: &RequestRecord) {
         let json = serde_json::to_string(&Stored {
             record,
             owner: &record.owner,
         })
         .unwrap_or_default();
         pipe.cmd("SET")
-            .arg(self.record_key(&record.request_id))
+            .arg(Self::record_key(stream, &record.request_id))
             .arg(json)
             .arg("EX")
             .arg(self.ttl_secs)
@@ -84,9 +84,16 @@ impl StatusKeys {
 
     /// Adds "these entries failed at `step`" to a pipeline: the first failure time is kept,
     /// the last one and its error replaced.
-    pub fn add_failure(&self, pipe: &mut redis::Pipeline, entry_id: &str, step: &str, error: &str) {
+    pub fn add_failure(
+        &self,
+        pipe: &mut redis::Pipeline,
+        stream: &str,
+        entry_id: &str,
+        step: &str,
+        error: &str,
+    ) {
         let now = now_millis();
-        let key = self.failures_key();
+        let key = Self::failures_key(stream);
         pipe.cmd("HSETNX")
             .arg(&key)
             .arg(format!("{entry_id}:first"))
@@ -100,7 +107,12 @@ impl StatusKeys {
     }
 
     /// Adds the removal of entries' failure history to a pipeline.
-    pub fn add_forget_failures(&self, pipe: &mut redis::Pipeline, entry_ids: &[&str]) {
+    pub fn add_forget_failures(
+        &self,
+        pipe: &mut redis::Pipeline,
+        stream: &str,
+        entry_ids: &[&str],
+    ) {
         if entry_ids.is_empty() {
             return;
         }
@@ -109,7 +121,7 @@ impl StatusKeys {
             .flat_map(|id| [format!("{id}:first"), format!("{id}:last")])
             .collect();
         pipe.cmd("HDEL")
-            .arg(self.failures_key())
+            .arg(Self::failures_key(stream))
             .arg(fields)
             .ignore();
     }
@@ -117,12 +129,13 @@ impl StatusKeys {
     /// The failure history of an entry: first failure time, last failure time and error.
     pub async fn failure_of(
         &self,
-        conn: &ConnectionManager,
+        conn: &RedisConn,
+        stream: &str,
         entry_id: &str,
     ) -> Option<FailureHistory> {
         let mut conn = conn.clone();
         let (first, last): (Option<u64>, Option<String>) = redis::cmd("HMGET")
-            .arg(self.failures_key())
+            .arg(Self::failures_key(stream))
             .arg(format!("{entry_id}:first"))
             .arg(format!("{entry_id}:last"))
             .query_async(&mut conn)
@@ -141,12 +154,13 @@ impl StatusKeys {
     /// The record of a request, when it exists and has not expired.
     pub async fn fetch(
         &self,
-        conn: &ConnectionManager,
+        conn: &RedisConn,
+        stream: &str,
         request_id: &str,
     ) -> redis::RedisResult<Option<RequestRecord>> {
         let mut conn = conn.clone();
         let raw: Option<String> = redis::cmd("GET")
-            .arg(self.record_key(request_id))
+            .arg(Self::record_key(stream, request_id))
             .query_async(&mut conn)
             .await?;
         Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))

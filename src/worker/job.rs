@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backoff::backoff::Backoff as _;
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use super::retry::{JobError, RetryPolicy, StepError};
@@ -19,7 +18,7 @@ use crate::queue::dead_letters::{now_millis, DeadLetter};
 use crate::queue::ingress::EnsureRequest;
 use crate::queue::outcome::{Delivery, Outcome, OutcomeBus};
 use crate::queue::status::{RequestRecord, RequestState, StatusKeys};
-use crate::queue::RawEntry;
+use crate::queue::{dead_stream, RawEntry, RedisConn};
 use crate::store::{NewUser, Resolution, Store};
 use crate::telemetry;
 
@@ -36,12 +35,10 @@ pub struct WorkerContext {
     /// `Some` in acknowledgement mode.
     pub confirm: Option<EngineConfirmation>,
     /// The queue's Redis, for acknowledgements, dead letters and status records.
-    pub queue: ConnectionManager,
+    pub queue: RedisConn,
     pub outcomes: OutcomeBus,
     pub status: StatusKeys,
-    pub ensure_stream: String,
     pub group: String,
-    pub dead_stream: String,
     pub retry: RetryPolicy,
     pub max_deliveries: u64,
     pub shutdown: CancellationToken,
@@ -73,14 +70,15 @@ impl WorkerContext {
     /// left pending, unacknowledged, for the next reader.
     pub async fn try_process_batch(
         self: &Arc<Self>,
+        stream: &str,
         entries: Vec<RawEntry>,
     ) -> Result<BatchReport, JobError> {
         let started = Instant::now();
-        let (good, mut dead) = self.triage(entries).await;
+        let (good, mut dead) = self.triage(stream, entries).await;
 
         // 1. Store.
         let mut stored: Vec<(Decoded, String)> = Vec::with_capacity(good.len());
-        match self.store_step(&good).await? {
+        match self.store_step(stream, &good).await? {
             Ok(resolutions) => {
                 for (d, resolution) in good.into_iter().zip(resolutions) {
                     match resolution {
@@ -112,10 +110,10 @@ impl WorkerContext {
                 .iter()
                 .map(|d| (d.request.reply_to.as_str(), d.request.request_id.as_str())),
         );
-        self.engine_step(commands, &in_flight).await?;
+        self.engine_step(stream, commands, &in_flight).await?;
 
         // 3. Acknowledge, delete, write dead letters and status records: one MULTI.
-        self.ack_step(&stored, &dead).await?;
+        self.ack_step(stream, &stored, &dead).await?;
 
         // 4. Only now tell whoever waits.
         let now = now_millis();
@@ -162,13 +160,13 @@ impl WorkerContext {
 
     /// Splits a batch into requests to carry out and entries that go to the dead letters
     /// at once: undecodable ones, and ones delivered more than `MAX_DELIVERIES` times.
-    async fn triage(&self, entries: Vec<RawEntry>) -> (Vec<Decoded>, Vec<Dead>) {
+    async fn triage(&self, stream: &str, entries: Vec<RawEntry>) -> (Vec<Decoded>, Vec<Dead>) {
         let mut good = Vec::with_capacity(entries.len());
         let mut dead = Vec::new();
         for entry in entries {
             let decoded = EnsureRequest::decode(&entry);
             if entry.deliveries > self.max_deliveries {
-                let history = self.status.failure_of(&self.queue, &entry.id).await;
+                let history = self.status.failure_of(&self.queue, stream, &entry.id).await;
                 let reason = match &history {
                     Some(h) => format!(
                         "gave up after {} deliveries; last failure: {}",
@@ -216,6 +214,7 @@ impl WorkerContext {
     /// Upserts the batch; `Ok(Err(reason))` when the store refuses it for good.
     async fn store_step(
         &self,
+        stream: &str,
         good: &[Decoded],
     ) -> Result<Result<Vec<Resolution>, String>, JobError> {
         if good.is_empty() {
@@ -239,7 +238,8 @@ impl WorkerContext {
                 match result {
                     Ok(r) => Ok(r),
                     Err(e) if e.is_retryable() => {
-                        self.note_failure("store", &in_flight, &e.to_string()).await;
+                        self.note_failure(stream, "store", &in_flight, &e.to_string())
+                            .await;
                         Err(StepError::Retryable(e.to_string()))
                     }
                     Err(e) => Err(StepError::Permanent(e.to_string())),
@@ -256,11 +256,12 @@ impl WorkerContext {
     /// Publishes the commands; in acknowledgement mode, until the Engine confirmed each.
     async fn engine_step(
         &self,
+        stream: &str,
         commands: Vec<EngineCommand>,
         in_flight: &[&Decoded],
     ) -> Result<(), JobError> {
         let Some(confirm) = &self.confirm else {
-            return self.publish(&commands, in_flight).await;
+            return self.publish(stream, &commands, in_flight).await;
         };
         let mut pending = commands;
         let mut backoff = self.retry.backoff();
@@ -269,7 +270,7 @@ impl WorkerContext {
                 .iter()
                 .map(|c| confirm.confirmations.expect(&c.request_id))
                 .collect();
-            self.publish(&pending, in_flight).await?;
+            self.publish(stream, &pending, in_flight).await?;
             let deadline = tokio::time::Instant::now() + confirm.timeout;
             let mut missing = Vec::new();
             for (command, reply) in pending.into_iter().zip(replies) {
@@ -308,6 +309,7 @@ impl WorkerContext {
 
     async fn publish(
         &self,
+        stream: &str,
         commands: &[EngineCommand],
         in_flight: &[&Decoded],
     ) -> Result<(), JobError> {
@@ -319,7 +321,8 @@ impl WorkerContext {
                     .record(t.elapsed().as_secs_f64());
                 if let Err(e) = result {
                     metrics::counter!(telemetry::ENGINE_PUBLISH_FAILURES).increment(1);
-                    self.note_failure("engine", in_flight, &e.to_string()).await;
+                    self.note_failure(stream, "engine", in_flight, &e.to_string())
+                        .await;
                     return Err(StepError::Retryable(e.to_string()));
                 }
                 Ok(())
@@ -327,7 +330,12 @@ impl WorkerContext {
             .await
     }
 
-    async fn ack_step(&self, stored: &[(Decoded, String)], dead: &[Dead]) -> Result<(), JobError> {
+    async fn ack_step(
+        &self,
+        stream: &str,
+        stored: &[(Decoded, String)],
+        dead: &[Dead],
+    ) -> Result<(), JobError> {
         let mut pipe = redis::pipe();
         pipe.atomic();
         let ids: Vec<&str> = stored
@@ -339,10 +347,11 @@ impl WorkerContext {
             return Ok(());
         }
         for Dead { letter, request } in dead {
-            letter.add_to(&mut pipe, &self.dead_stream);
+            letter.add_to(&mut pipe, &dead_stream(stream));
             if let Some(request) = request {
                 self.status.add_record(
                     &mut pipe,
+                    stream,
                     &RequestRecord {
                         request_id: request.request_id.clone(),
                         state: RequestState::Dead,
@@ -357,6 +366,7 @@ impl WorkerContext {
         for (d, canonical) in stored {
             self.status.add_record(
                 &mut pipe,
+                stream,
                 &RequestRecord {
                     request_id: d.request.request_id.clone(),
                     state: RequestState::Done,
@@ -367,13 +377,13 @@ impl WorkerContext {
                 },
             );
         }
-        self.status.add_forget_failures(&mut pipe, &ids);
+        self.status.add_forget_failures(&mut pipe, stream, &ids);
         pipe.cmd("XACK")
-            .arg(&self.ensure_stream)
+            .arg(stream)
             .arg(&self.group)
             .arg(&ids)
             .ignore();
-        pipe.cmd("XDEL").arg(&self.ensure_stream).arg(&ids).ignore();
+        pipe.cmd("XDEL").arg(stream).arg(&ids).ignore();
         let pipe = &pipe;
         self.retry
             .run("ack", &self.shutdown, || async move {
@@ -387,12 +397,20 @@ impl WorkerContext {
 
     /// Remembers a failed attempt: in the failure history (for dead letters) and in the
     /// requests' status records (`retrying`). Best effort: the queue may be what failed.
-    async fn note_failure(&self, step: &'static str, in_flight: &[&Decoded], error: &str) {
+    async fn note_failure(
+        &self,
+        stream: &str,
+        step: &'static str,
+        in_flight: &[&Decoded],
+        error: &str,
+    ) {
         let mut pipe = redis::pipe();
         for d in in_flight {
-            self.status.add_failure(&mut pipe, &d.entry.id, step, error);
+            self.status
+                .add_failure(&mut pipe, stream, &d.entry.id, step, error);
             self.status.add_record(
                 &mut pipe,
+                stream,
                 &RequestRecord {
                     request_id: d.request.request_id.clone(),
                     state: RequestState::Retrying,

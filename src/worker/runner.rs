@@ -11,18 +11,17 @@ use std::time::{Duration, Instant};
 
 use backoff::backoff::Backoff as _;
 use futures_util::FutureExt as _;
-use redis::aio::ConnectionManager;
 use redis::Value;
 use tokio_util::task::TaskTracker;
 
 use super::job::WorkerContext;
-use crate::queue::{self, ingress, RawEntry};
+use crate::queue::{self, ingress, QueueTopology, RawEntry, RedisConn};
 use crate::telemetry;
 
 /// Settings of the consumers of one process.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
-    pub redis_url: String,
+    pub topology: QueueTopology,
     pub concurrency: usize,
     pub batch_size: usize,
     pub block: Duration,
@@ -54,28 +53,53 @@ impl WorkerPool {
     }
 
     /// Starts the consumers on `tracker`; they stop after their current batch on shutdown.
-    pub fn spawn(self, tracker: &TaskTracker) -> anyhow::Result<()> {
+    /// Every shard gets at least one consumer; with more consumers than shards, shards
+    /// share them out evenly.
+    pub fn spawn(self, tracker: &TaskTracker) {
+        let shards = &self.settings.topology.shards;
         for i in 0..self.settings.concurrency {
+            let mine: Vec<String> = if self.settings.concurrency >= shards.len() {
+                vec![shards[i % shards.len()].clone()]
+            } else {
+                shards
+                    .iter()
+                    .skip(i)
+                    .step_by(self.settings.concurrency)
+                    .cloned()
+                    .collect()
+            };
             let consumer = Consumer {
                 ctx: Arc::clone(&self.ctx),
                 name: format!("{}-{i}", self.name_prefix),
-                // Must outlast the BLOCK, or every idle read would look like a failure.
-                conn: queue::connect(
-                    &self.settings.redis_url,
-                    self.settings.block + Duration::from_secs(2),
-                )?,
+                shards: mine.into_iter().map(ShardState::new).collect(),
                 settings: self.settings.clone(),
             };
             tracker.spawn(consumer.run());
         }
-        Ok(())
+    }
+}
+
+/// One shard as a consumer sees it.
+struct ShardState {
+    stream: String,
+    group_ready: bool,
+    last_claim: Option<Instant>,
+}
+
+impl ShardState {
+    fn new(stream: String) -> Self {
+        Self {
+            stream,
+            group_ready: false,
+            last_claim: None,
+        }
     }
 }
 
 struct Consumer {
     ctx: Arc<WorkerContext>,
     name: String,
-    conn: ConnectionManager,
+    shards: Vec<ShardState>,
     settings: PoolSettings,
 }
 
@@ -83,37 +107,42 @@ impl Consumer {
     async fn run(mut self) {
         let shutdown = self.ctx.shutdown.clone();
         let mut read_backoff = self.ctx.retry.backoff();
-        let mut group_ready = false;
-        let mut last_claim = Instant::now() - self.settings.claim_idle;
-        tracing::info!(consumer = %self.name, "worker started");
+        let mut conn: Option<RedisConn> = None;
+        // Reading several shards, each read blocks for its share of WORKER_BLOCK_MS.
+        let block = (self.settings.block / self.shards.len() as u32).max(Duration::from_millis(1));
+        let mut turn = 0usize;
+        tracing::info!(consumer = %self.name, shards = self.shards.len(), "worker started");
         while !shutdown.is_cancelled() {
-            let step = async {
-                if !group_ready {
-                    ingress::ensure_group(&self.conn, &self.ctx.ensure_stream, &self.ctx.group)
-                        .await?;
-                    group_ready = true;
+            turn = (turn + 1) % self.shards.len();
+            let result = async {
+                if conn.is_none() {
+                    // Its own connection: it must outlast the BLOCK, and a blocked read
+                    // would hold up every other command on a shared one.
+                    let c = queue::connect_queue(
+                        &self.settings.topology,
+                        self.settings.block + Duration::from_secs(2),
+                    )
+                    .await
+                    .map_err(|e| {
+                        redis::RedisError::from(std::io::Error::other(format!("{e:#}")))
+                    })?;
+                    conn = Some(c);
                 }
-                // Re-claim first: old pending entries have waited longest.
-                if last_claim.elapsed() >= self.settings.claim_idle / 2 {
-                    last_claim = Instant::now();
-                    let claimed = self.claim().await?;
-                    if !claimed.is_empty() {
-                        tracing::info!(consumer = %self.name, count = claimed.len(), "re-claimed idle entries");
-                        return Ok::<_, redis::RedisError>(claimed);
-                    }
-                }
-                self.read().await
-            };
-            match step.await {
+                let conn = conn.as_mut().expect("connected above");
+                self.step(conn, turn, block).await
+            }
+            .await;
+            match result {
                 Ok(entries) => {
                     read_backoff.reset();
                     if !entries.is_empty() {
-                        self.process(entries).await;
+                        let stream = self.shards[turn].stream.clone();
+                        self.process(&stream, entries).await;
                     }
                 }
                 Err(e) => {
                     if e.code() == Some("NOGROUP") {
-                        group_ready = false;
+                        self.shards[turn].group_ready = false;
                     }
                     let wait = read_backoff.next_backoff().unwrap_or(self.ctx.retry.max);
                     tracing::warn!(consumer = %self.name, error = %e, retry_in_ms = wait.as_millis() as u64, "cannot read the queue");
@@ -127,7 +156,37 @@ impl Consumer {
         tracing::info!(consumer = %self.name, "worker stopped");
     }
 
-    async fn read(&mut self) -> redis::RedisResult<Vec<RawEntry>> {
+    /// One read of one shard: re-claimed idle entries first (they have waited longest),
+    /// else new ones.
+    async fn step(
+        &mut self,
+        conn: &mut RedisConn,
+        turn: usize,
+        block: Duration,
+    ) -> redis::RedisResult<Vec<RawEntry>> {
+        let shard = &mut self.shards[turn];
+        if !shard.group_ready {
+            ingress::ensure_group(conn, &shard.stream, &self.ctx.group).await?;
+            shard.group_ready = true;
+        }
+        if shard
+            .last_claim
+            .is_none_or(|t| t.elapsed() >= self.settings.claim_idle / 2)
+        {
+            shard.last_claim = Some(Instant::now());
+            let claimed = claim(
+                conn,
+                &shard.stream,
+                &self.ctx.group,
+                &self.name,
+                &self.settings,
+            )
+            .await?;
+            if !claimed.is_empty() {
+                tracing::info!(consumer = %self.name, count = claimed.len(), "re-claimed idle entries");
+                return Ok(claimed);
+            }
+        }
         let reply: Value = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&self.ctx.group)
@@ -135,59 +194,20 @@ impl Consumer {
             .arg("COUNT")
             .arg(self.settings.batch_size)
             .arg("BLOCK")
-            .arg(self.settings.block.as_millis() as u64)
+            .arg(block.as_millis() as u64)
             .arg("STREAMS")
-            .arg(&self.ctx.ensure_stream)
+            .arg(&shard.stream)
             .arg(">")
-            .query_async(&mut self.conn)
+            .query_async(conn)
             .await?;
         Ok(queue::parse_read_reply(&reply))
     }
 
-    /// Takes over entries another consumer read but did not finish within `claim_idle`
-    /// (it crashed, or is stuck), with their delivery counts.
-    async fn claim(&mut self) -> redis::RedisResult<Vec<RawEntry>> {
-        let idle = self.settings.claim_idle.as_millis() as u64;
-        let pending: Value = redis::cmd("XPENDING")
-            .arg(&self.ctx.ensure_stream)
-            .arg(&self.ctx.group)
-            .arg("IDLE")
-            .arg(idle)
-            .arg("-")
-            .arg("+")
-            .arg(self.settings.batch_size)
-            .query_async(&mut self.conn)
-            .await?;
-        let counts = parse_pending(&pending);
-        if counts.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut cmd = redis::cmd("XCLAIM");
-        cmd.arg(&self.ctx.ensure_stream)
-            .arg(&self.ctx.group)
-            .arg(&self.name)
-            .arg(idle);
-        for (id, _) in &counts {
-            cmd.arg(id);
-        }
-        // Only entries still idle are taken: a consumer that just got to one keeps it.
-        let claimed: Value = cmd.query_async(&mut self.conn).await?;
-        let mut entries = queue::parse_entries(&claimed);
-        for entry in &mut entries {
-            let before = counts
-                .iter()
-                .find(|(id, _)| *id == entry.id)
-                .map_or(1, |(_, n)| *n);
-            entry.deliveries = before + 1;
-        }
-        Ok(entries)
-    }
-
-    async fn process(&self, entries: Vec<RawEntry>) {
+    async fn process(&self, stream: &str, entries: Vec<RawEntry>) {
         let count = entries.len();
         // A panic in a batch is a bug, not a reason to lose the consumer: count it and move
         // on; the entries stay pending and are re-claimed later.
-        let result = AssertUnwindSafe(self.ctx.try_process_batch(entries))
+        let result = AssertUnwindSafe(self.ctx.try_process_batch(stream, entries))
             .catch_unwind()
             .await;
         match result {
@@ -201,6 +221,48 @@ impl Consumer {
             }
         }
     }
+}
+
+/// Takes over entries another consumer read but did not finish within `claim_idle` (it
+/// crashed, or is stuck), with their delivery counts.
+async fn claim(
+    conn: &mut RedisConn,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    settings: &PoolSettings,
+) -> redis::RedisResult<Vec<RawEntry>> {
+    let idle = settings.claim_idle.as_millis() as u64;
+    let pending: Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg("IDLE")
+        .arg(idle)
+        .arg("-")
+        .arg("+")
+        .arg(settings.batch_size)
+        .query_async(conn)
+        .await?;
+    let counts = parse_pending(&pending);
+    if counts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut cmd = redis::cmd("XCLAIM");
+    cmd.arg(stream).arg(group).arg(consumer).arg(idle);
+    for (id, _) in &counts {
+        cmd.arg(id);
+    }
+    // Only entries still idle are taken: a consumer that just got to one keeps it.
+    let claimed: Value = cmd.query_async(conn).await?;
+    let mut entries = queue::parse_entries(&claimed);
+    for entry in &mut entries {
+        let before = counts
+            .iter()
+            .find(|(id, _)| *id == entry.id)
+            .map_or(1, |(_, n)| *n);
+        entry.deliveries = before + 1;
+    }
+    Ok(entries)
 }
 
 /// `(entry id, times delivered)` from an extended XPENDING answer.
