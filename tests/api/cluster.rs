@@ -1,0 +1,233 @@
+//! The queue on a real three-master Redis Cluster, with the ingress split over shards.
+
+use std::process::{Child, Command, Stdio};
+
+use ensure_user::{Application, Config, Mode};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+
+/// Three `redis-server --cluster-enabled yes` processes joined by `redis-cli --cluster create`.
+struct RedisCluster {
+    ports: Vec<u16>,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+/// A port whose cluster bus port (+10000) is free too.
+fn cluster_port() -> u16 {
+    loop {
+        let port = 20_000 + (rand_u16() % 20_000);
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+}
+
+fn rand_u16() -> u16 {
+    let id = uuid::Uuid::new_v4();
+    u16::from_le_bytes([id.as_bytes()[0], id.as_bytes()[1]])
+}
+
+impl RedisCluster {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ports = Vec::new();
+        while ports.len() < 3 {
+            let p = cluster_port();
+            if !ports.contains(&p) {
+                ports.push(p);
+            }
+        }
+        let children = ports
+            .iter()
+            .map(|port| {
+                Command::new("redis-server")
+                    .args([
+                        "--port",
+                        &port.to_string(),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                    ])
+                    .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                    .arg(dir.path().join(format!("nodes-{port}.conf")))
+                    .arg("--dir")
+                    .arg(dir.path())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server on PATH")
+            })
+            .collect();
+        let cluster = Self {
+            ports,
+            children,
+            _dir: dir,
+        };
+        for port in &cluster.ports {
+            let url = format!("redis://127.0.0.1:{port}");
+            eventually("a cluster node to answer", || {
+                let url = url.clone();
+                async move {
+                    let mut conn = redis::Client::open(url)
+                        .ok()?
+                        .get_multiplexed_async_connection()
+                        .await
+                        .ok()?;
+                    redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .ok()
+                }
+            })
+            .await;
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let status = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli on PATH");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        for port in &cluster.ports {
+            let url = format!("redis://127.0.0.1:{port}");
+            eventually("the cluster to be ok on every node", || {
+                let url = url.clone();
+                async move {
+                    let mut conn = redis::Client::open(url)
+                        .ok()?
+                        .get_multiplexed_async_connection()
+                        .await
+                        .ok()?;
+                    let info: String = redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut conn)
+                        .await
+                        .ok()?;
+                    info.contains("cluster_state:ok").then_some(())
+                }
+            })
+            .await;
+        }
+        cluster
+    }
+
+    fn urls(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_queue_runs_on_a_redis_cluster_split_over_three_shards() {
+    let cluster = RedisCluster::start().await;
+    let engine = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let mut vars = test_vars(&engine, &engine, &db);
+    set(&mut vars, "REDIS_URL", &cluster.urls());
+    set(&mut vars, "ENSURE_SHARDS", "3");
+    let app = Application::build(Config::from_vars(vars).unwrap(), Mode::Serve)
+        .await
+        .unwrap();
+    let address = app.address();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
+    let client = reqwest::Client::new();
+
+    let mut request_ids = Vec::new();
+    for i in 0..30 {
+        let user = format!("cluster-{i}");
+        let token = token(&user, &format!("{user}@example.com"));
+        let response = client
+            .post(format!("http://{address}{ENSURE_PATH}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "request {i}");
+        let json: Value = response.json().await.unwrap();
+        assert_eq!(json["userId"], user.as_str());
+        request_ids.push((token, json["requestId"].as_str().unwrap().to_string()));
+    }
+
+    assert_eq!(rows(&db).len(), 30);
+    assert_eq!(engine.entries("stream:exness").await.len(), 30);
+    // Each shard has its own hash-tagged stream with its consumer group, and users were
+    // spread over all of them (their status records sit beside their shard's stream).
+    let nodes: Vec<String> = cluster
+        .ports
+        .iter()
+        .map(|p| format!("redis://127.0.0.1:{p}"))
+        .collect();
+    let mut conn = redis::cluster::ClusterClient::new(nodes)
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    for shard in 0..3 {
+        let stream = format!("stream:ensure-user:{{{shard}}}");
+        let groups: redis::Value = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&stream)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            matches!(groups, redis::Value::Array(ref g) if g.len() == 1),
+            "{stream}: {groups:?}"
+        );
+        for (_, request_id) in &request_ids {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(format!("{stream}:request:{request_id}"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if exists {
+                used.insert(shard);
+            }
+        }
+    }
+    assert_eq!(used.len(), 3, "30 users spread over the 3 shards");
+    // Request status records live on the user's shard and are found again.
+    for (token, request_id) in request_ids.iter().take(5) {
+        let status: Value = client
+            .get(format!(
+                "http://{address}/api/v1/auth/ensure-user/requests/{request_id}"
+            ))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(status["state"], "done");
+    }
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}
