@@ -432,7 +432,12 @@ pub enum TestDb {
     Postgres { schema: String, url: String },
 }
 
-pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
+/// The PostgreSQL the tests use (`TEST_DATABASE_URL` overrides it); the password only
+/// matters where the server asks for one (`scripts/test` sets it on a fresh machine).
+pub static POSTGRES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/test".into())
+});
 
 impl TestDb {
     pub fn sqlite() -> Self {
@@ -441,7 +446,7 @@ impl TestDb {
 
     pub async fn postgres() -> Self {
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let (client, conn) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
+        let (client, conn) = tokio_postgres::connect(&POSTGRES, tokio_postgres::NoTls)
             .await
             .expect("PostgreSQL must listen on 127.0.0.1:5432 (see README: Development)");
         tokio::spawn(conn);
@@ -449,7 +454,7 @@ impl TestDb {
             .batch_execute(&format!("CREATE SCHEMA {schema}"))
             .await
             .unwrap();
-        let url = format!("{POSTGRES}?options=-csearch_path%3D{schema}");
+        let url = format!("{}?options=-csearch_path%3D{schema}", *POSTGRES);
         TestDb::Postgres { schema, url }
     }
 
@@ -529,7 +534,7 @@ impl Drop for TestDb {
                     .build()
                     .ok()?;
                 rt.block_on(async {
-                    let (client, conn) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
+                    let (client, conn) = tokio_postgres::connect(&POSTGRES, tokio_postgres::NoTls)
                         .await
                         .ok()?;
                     tokio::spawn(conn);
