@@ -21,6 +21,7 @@ pub const JOBS_COMPLETED: &str = "ensure_user_jobs_completed_total";
 pub const JOB_RETRIES: &str = "ensure_user_job_retries_total";
 pub const JOBS_DEAD_LETTERED: &str = "ensure_user_jobs_dead_lettered_total";
 pub const JOB_PANICS: &str = "ensure_user_job_panics_total";
+pub const RECLAIMED: &str = "ensure_user_reclaimed_total";
 pub const BATCH_SIZE: &str = "ensure_user_batch_size";
 pub const ENQUEUE_TO_DONE_SECONDS: &str = "ensure_user_enqueue_to_done_seconds";
 pub const SQLITE_TXN_SECONDS: &str = "ensure_user_sqlite_transaction_seconds";
@@ -61,6 +62,7 @@ pub fn metrics_handle() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
             }
             describe();
+            zero_known_series();
             metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
@@ -75,13 +77,17 @@ fn describe() {
     describe_histogram!(
         HTTP_DURATION_SECONDS,
         Unit::Seconds,
-        "Time to answer an HTTP request, by route."
+        "Time to answer an HTTP request, by route (an ensure includes its wait)."
     );
-    describe_counter!(ANSWERS, "Ensure answers by outcome: done (200), timeout (202), dead (500), unavailable (503), refused (4xx).");
+    describe_counter!(
+        ANSWERS,
+        "Ensure answers by outcome: done (200 in the wait), timeout (202 after the wait), queued (202 with ENSURE_WAIT_MS=0), dead (500), unavailable (503, queue down), backlog (503, over QUEUE_MAX_BACKLOG), refused (4xx)."
+    );
     describe_gauge!(
         WAITERS,
         "Ensure requests waiting for their outcome right now."
     );
+    describe_counter!(COALESCED, "Requests that joined an entry of the same user already queued here instead of queuing their own.");
     describe_counter!(
         ENQUEUE_FAILURES,
         "Requests that could not be queued (answered 503)."
@@ -92,37 +98,86 @@ fn describe() {
     );
     describe_counter!(
         JOB_RETRIES,
-        "Retried batch steps, by step (store, engine, ack)."
+        "Failed attempts of a batch step that will be retried, by step (store, engine, ack)."
     );
-    describe_counter!(JOBS_DEAD_LETTERED, "Entries moved to the dead letters.");
+    describe_counter!(
+        JOBS_DEAD_LETTERED,
+        "Entries moved to the dead letters, by reason (undecodable, max_deliveries, refused)."
+    );
     describe_counter!(
         JOB_PANICS,
-        "Batches that panicked (a bug); their entries stay pending."
+        "Batches that panicked (a bug); their entries stay pending and are re-claimed."
     );
+    describe_counter!(RECLAIMED, "Entries re-claimed from a consumer that left them idle past CLAIM_IDLE_MS (crashed or stuck).");
     describe_histogram!(BATCH_SIZE, "Entries per batch a worker processed.");
-    describe_histogram!(
-        ENQUEUE_TO_DONE_SECONDS,
-        Unit::Seconds,
-        "Time from a request's enqueue to its completion."
-    );
-    describe_histogram!(
-        SQLITE_TXN_SECONDS,
-        Unit::Seconds,
-        "Time of one SQLite upsert transaction, as the worker waits for it."
-    );
+    describe_histogram!(ENQUEUE_TO_DONE_SECONDS, Unit::Seconds, "Time from a request's enqueue to its completion (wall clocks of listener and worker; millisecond resolution).");
+    describe_histogram!(SQLITE_TXN_SECONDS, Unit::Seconds, "Time of one successful store transaction (SQLite or PostgreSQL), as the worker waits for it.");
     describe_histogram!(
         ENGINE_PUBLISH_SECONDS,
         Unit::Seconds,
-        "Time to publish one batch of commands to the Engine stream."
+        "Time to publish one batch of commands to the Engine stream, successful attempts."
     );
     describe_counter!(
         ENGINE_PUBLISH_FAILURES,
         "Failed attempts to publish to the Engine stream."
     );
+    describe_counter!(ENGINE_REPUBLISHED, "Commands republished because the Engine did not confirm them in time (ENGINE_CONFIRM=ack).");
+    describe_counter!(
+        BACKLOG_REFUSALS,
+        "Requests refused with 503 because the backlog was over QUEUE_MAX_BACKLOG."
+    );
+    describe_gauge!(
+        QUEUE_BACKLOG,
+        "Entries on the ingress stream(s) not yet acknowledged (stream length), as last sampled."
+    );
+    describe_gauge!(
+        QUEUE_PENDING,
+        "Entries read by a worker but not yet acknowledged, as last sampled."
+    );
+    describe_gauge!(QUEUE_LAG, "Entries not yet read by any worker (consumer group lag; 0 when Redis cannot tell), as last sampled.");
+    describe_gauge!(
+        DEAD_LETTERS,
+        "Entries on the dead-letter stream(s), as last sampled."
+    );
+    describe_gauge!(DEPENDENCY_UP, "1 when a dependency answers, 0 when it does not, sampled every 5 s; by dependency (queue_redis, engine_redis, sqlite, postgres).");
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label says which build runs."
     );
+}
+
+/// Registers the counters whose label sets are known, at 0: a healthy process then shows
+/// 0 rather than no data, and `rate()` sees the first failure.
+fn zero_known_series() {
+    for outcome in [
+        "done",
+        "timeout",
+        "queued",
+        "dead",
+        "unavailable",
+        "backlog",
+        "refused",
+    ] {
+        metrics::counter!(ANSWERS, "outcome" => outcome).absolute(0);
+    }
+    for step in ["store", "engine", "ack"] {
+        metrics::counter!(JOB_RETRIES, "step" => step).absolute(0);
+    }
+    for reason in ["undecodable", "max_deliveries", "refused"] {
+        metrics::counter!(JOBS_DEAD_LETTERED, "reason" => reason).absolute(0);
+    }
+    for name in [
+        ENQUEUE_FAILURES,
+        JOBS_COMPLETED,
+        JOB_PANICS,
+        RECLAIMED,
+        COALESCED,
+        ENGINE_PUBLISH_FAILURES,
+        ENGINE_REPUBLISHED,
+        BACKLOG_REFUSALS,
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
 }
 
 /// Sets up logging: human-readable by default, one JSON object per line with `LOG_FORMAT=json`.

@@ -233,10 +233,12 @@ impl WorkerContext {
             .run("store", &self.shutdown, || async {
                 let t = Instant::now();
                 let result = self.store.upsert(users.clone()).await;
-                metrics::histogram!(telemetry::SQLITE_TXN_SECONDS)
-                    .record(t.elapsed().as_secs_f64());
                 match result {
-                    Ok(r) => Ok(r),
+                    Ok(r) => {
+                        metrics::histogram!(telemetry::SQLITE_TXN_SECONDS)
+                            .record(t.elapsed().as_secs_f64());
+                        Ok(r)
+                    }
                     Err(e) if e.is_retryable() => {
                         self.note_failure(stream, "store", &in_flight, &e.to_string())
                             .await;
@@ -317,14 +319,14 @@ impl WorkerContext {
             .run("engine", &self.shutdown, || async {
                 let t = Instant::now();
                 let result = self.engine.publish(commands).await;
-                metrics::histogram!(telemetry::ENGINE_PUBLISH_SECONDS)
-                    .record(t.elapsed().as_secs_f64());
                 if let Err(e) = result {
                     metrics::counter!(telemetry::ENGINE_PUBLISH_FAILURES).increment(1);
                     self.note_failure(stream, "engine", in_flight, &e.to_string())
                         .await;
                     return Err(StepError::Retryable(e.to_string()));
                 }
+                metrics::histogram!(telemetry::ENGINE_PUBLISH_SECONDS)
+                    .record(t.elapsed().as_secs_f64());
                 Ok(())
             })
             .await

@@ -183,6 +183,7 @@ impl Consumer {
             )
             .await?;
             if !claimed.is_empty() {
+                metrics::counter!(telemetry::RECLAIMED).increment(claimed.len() as u64);
                 tracing::info!(consumer = %self.name, count = claimed.len(), "re-claimed idle entries");
                 return Ok(claimed);
             }
