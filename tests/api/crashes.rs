@@ -63,11 +63,13 @@ async fn all_delivered(db: &std::path::Path, engine: &RedisServer, users: &BTree
 
 #[tokio::test]
 async fn kill_9_of_serve_with_pending_entries_loses_nothing_after_restart() {
-    let queue = RedisServer::start().await;
-    let engine = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("users.db");
-    let mut vars = test_vars(&queue, &engine, &db);
+    let Stack {
+        queue,
+        engine,
+        db,
+        mut vars,
+        dir: _dir,
+    } = Stack::start().await;
     set(&mut vars, "ENSURE_WAIT_MS", "200");
     let serve = Process::spawn(&["serve"], &vars).await;
 
@@ -90,21 +92,20 @@ async fn kill_9_of_serve_with_pending_entries_loses_nothing_after_restart() {
 
     let restarted = Process::spawn(&["serve"], &vars).await;
     all_delivered(&db, &engine, &accepted).await;
-    eventually("nothing left pending", || async {
-        (pending_count(&queue).await == 0).then_some(())
-    })
-    .await;
+    wait_nothing_pending(&queue).await;
     assert_eq!(rows(&db).len(), 40);
     assert!(restarted.terminate().await.success());
 }
 
 #[tokio::test]
 async fn kill_9_of_one_worker_lets_the_other_reclaim_its_entries() {
-    let queue = RedisServer::start().await;
-    let mut engine = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("users.db");
-    let mut vars = test_vars(&queue, &engine, &db);
+    let Stack {
+        queue,
+        mut engine,
+        db,
+        mut vars,
+        dir: _dir,
+    } = Stack::start().await;
     set(&mut vars, "ENSURE_WAIT_MS", "0");
     let listener = Process::spawn(&["listen"], &vars).await;
     let doomed = Process::spawn(&["work"], &vars).await;
@@ -133,10 +134,7 @@ async fn kill_9_of_one_worker_lets_the_other_reclaim_its_entries() {
     engine.restart().await;
 
     all_delivered(&db, &engine, &accepted).await;
-    eventually("nothing left pending", || async {
-        (pending_count(&queue).await == 0).then_some(())
-    })
-    .await;
+    wait_nothing_pending(&queue).await;
     assert!(survivor.terminate().await.success());
     assert!(listener.terminate().await.success());
 }
@@ -164,11 +162,13 @@ async fn queue_redis_killed_and_restarted_with_aof_keeps_every_accepted_request(
 
 #[tokio::test]
 async fn engine_redis_down_under_load_delivers_everything_after_it_returns() {
-    let queue = RedisServer::start().await;
-    let mut engine = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("users.db");
-    let mut vars = test_vars(&queue, &engine, &db);
+    let Stack {
+        queue: _queue,
+        mut engine,
+        db,
+        mut vars,
+        dir: _dir,
+    } = Stack::start().await;
     set(&mut vars, "ENSURE_WAIT_MS", "300");
     let serve = Process::spawn(&["serve"], &vars).await;
     engine.stop();
@@ -187,11 +187,13 @@ async fn engine_redis_down_under_load_delivers_everything_after_it_returns() {
 
 #[tokio::test]
 async fn sigterm_with_requests_in_flight_answers_all_and_loses_nothing() {
-    let queue = RedisServer::start().await;
-    let mut engine = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("users.db");
-    let vars = test_vars(&queue, &engine, &db);
+    let Stack {
+        queue,
+        mut engine,
+        db,
+        vars,
+        dir: _dir,
+    } = Stack::start().await;
     let serve = Process::spawn(&["serve"], &vars).await;
     engine.stop();
 
@@ -233,11 +235,13 @@ async fn sigterm_with_requests_in_flight_answers_all_and_loses_nothing() {
 
 #[tokio::test]
 async fn an_entry_delivered_too_often_is_dead_lettered_with_its_history() {
-    let queue = RedisServer::start().await;
-    let engine = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("users.db");
-    let mut vars = test_vars(&queue, &engine, &db);
+    let Stack {
+        queue,
+        engine: _engine,
+        db,
+        mut vars,
+        dir: _dir,
+    } = Stack::start().await;
     set(&mut vars, "MAX_DELIVERIES", "3");
     // A consumer that read the entry and kept failing on it, four times, before dying.
     let mut conn = queue.conn().await;
@@ -387,10 +391,7 @@ async fn three_workers_on_postgres_lose_nothing_when_one_is_killed() {
         accepted.is_subset(&published).then_some(())
     })
     .await;
-    eventually("nothing left pending", || async {
-        (pending_count(&queue).await == 0).then_some(())
-    })
-    .await;
+    wait_nothing_pending(&queue).await;
     eprintln!(
         "accepted 400, stored in PostgreSQL {}, all published",
         stored.len()

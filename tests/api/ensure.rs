@@ -153,14 +153,7 @@ async fn an_undecodable_entry_is_dead_lettered_and_does_not_block_the_queue() {
     );
     let reason = String::from_utf8(dead[0].field("dead_reason").unwrap().to_vec()).unwrap();
     assert!(reason.contains("undecodable"), "{reason}");
-    eventually("the poison entry to be acknowledged", || async {
-        app.queue
-            .entries("stream:ensure-user")
-            .await
-            .is_empty()
-            .then_some(())
-    })
-    .await;
+    app.wait_until_queue_is_empty().await;
     app.shutdown().await.unwrap();
 }
 

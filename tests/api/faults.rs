@@ -32,14 +32,7 @@ async fn engine_redis_down_gives_202_and_delivery_after_it_returns() {
         engine_message(&entries[0]),
         expected_command("patient", "p@example.com", &request_id)
     );
-    eventually("the entry to be acknowledged", || async {
-        app.queue
-            .entries("stream:ensure-user")
-            .await
-            .is_empty()
-            .then_some(())
-    })
-    .await;
+    app.wait_until_queue_is_empty().await;
     app.shutdown().await.unwrap();
 }
 

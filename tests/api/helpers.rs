@@ -137,6 +137,41 @@ impl Drop for RedisServer {
     }
 }
 
+/// What a test of the built binary runs against: its own queue and Engine Redis servers, a
+/// SQLite path in a folder of its own, and the settings that point at them.
+pub struct Stack {
+    pub queue: RedisServer,
+    pub engine: RedisServer,
+    pub db: PathBuf,
+    pub vars: Vec<(String, String)>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        let queue = RedisServer::start().await;
+        let engine = RedisServer::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("users.db");
+        let vars = test_vars(&queue, &engine, &db);
+        Self {
+            queue,
+            engine,
+            db,
+            vars,
+            dir,
+        }
+    }
+}
+
+/// Waits until the group has no entry read but unacknowledged.
+pub async fn wait_nothing_pending(queue: &RedisServer) {
+    eventually("nothing left pending", || async {
+        (pending_count(queue).await == 0).then_some(())
+    })
+    .await;
+}
+
 /// Signs a token as the platform does (no `exp`).
 pub fn token(user_id: &str, email: &str) -> String {
     mint_token(SECRET.as_bytes(), user_id, email, None).unwrap()
@@ -259,6 +294,18 @@ impl TestApp {
             (entries.len() >= n).then_some(entries)
         })
         .await
+    }
+
+    /// Waits until every entry was acknowledged (and so deleted) from the ingress stream.
+    pub async fn wait_until_queue_is_empty(&self) {
+        eventually("the ingress stream to be empty", || async {
+            self.queue
+                .entries("stream:ensure-user")
+                .await
+                .is_empty()
+                .then_some(())
+        })
+        .await;
     }
 
     /// Stops the app as SIGTERM would, and waits for it to finish.

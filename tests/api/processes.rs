@@ -8,11 +8,13 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn listen_and_work_as_separate_processes_answer_200() {
-    let queue = RedisServer::start().await;
-    let engine = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("users.db");
-    let vars = test_vars(&queue, &engine, &db);
+    let Stack {
+        queue: _queue,
+        engine,
+        db,
+        vars,
+        dir: _dir,
+    } = Stack::start().await;
     let listener = Process::spawn(&["listen"], &vars).await;
     let worker = Process::spawn(&["work"], &vars).await;
     let client = reqwest::Client::new();
@@ -102,11 +104,8 @@ async fn token_command_prints_a_token_the_service_accepts() {
 
 #[tokio::test]
 async fn sigterm_stops_serve_with_exit_0() {
-    let queue = RedisServer::start().await;
-    let engine = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let vars = test_vars(&queue, &engine, &dir.path().join("users.db"));
-    let process = Process::spawn(&["serve"], &vars).await;
+    let stack = Stack::start().await;
+    let process = Process::spawn(&["serve"], &stack.vars).await;
     let status = process.terminate().await;
     assert_eq!(status.code(), Some(0));
 }
