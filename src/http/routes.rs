@@ -12,6 +12,7 @@ use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 use hyper::{Method, Request, StatusCode};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::auth::Authenticator;
 use super::responses::{self, ApiError, HttpResponse};
@@ -85,11 +86,19 @@ pub struct ApiState {
 pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> HttpResponse {
     let started = Instant::now();
     let route = route_name(req.uri().path());
-    let response = match dispatch(&state, req).await {
+    // The ensure flow fills in who asked and which request it became; never the token.
+    let span = tracing::info_span!(
+        "request",
+        route,
+        user_id = tracing::field::Empty,
+        request_id = tracing::field::Empty
+    );
+    let response = match dispatch(&state, req).instrument(span.clone()).await {
         Ok(r) => r,
         Err(e) => e.to_response(),
     };
     let status = response.status();
+    span.in_scope(|| tracing::debug!(status = status.as_u16(), "answered"));
     metrics::counter!(telemetry::HTTP_REQUESTS, "route" => route, "status" => status_label(status))
         .increment(1);
     metrics::histogram!(telemetry::HTTP_DURATION_SECONDS, "route" => route)
@@ -197,10 +206,11 @@ async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse
     discard_body(body)
         .await
         .inspect_err(|_| answer("refused"))?;
-    let identity = state
-        .auth
-        .authenticate(&parts.headers)
-        .inspect_err(|_| answer("refused"))?;
+    let identity = state.auth.authenticate(&parts.headers).inspect_err(|e| {
+        answer("refused");
+        tracing::debug!(reason = %e, "refused");
+    })?;
+    tracing::Span::current().record("user_id", identity.user_id.as_str());
     let Some(ingress) = &state.ingress else {
         return Err(ApiError::NotFound);
     };
@@ -225,6 +235,7 @@ async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse
     // The same user is already queued here and not yet published: share that entry.
     if let Some((request_id, mut waiter)) = state.waiters.join(&user_key) {
         metrics::counter!(telemetry::COALESCED).increment(1);
+        tracing::Span::current().record("request_id", request_id.as_str());
         match waiter.until(deadline, &state.shutdown).await {
             Some(Heard::Outcome(outcome)) => return outcome_answer(outcome, &request_id),
             // Published by another process, maybe before this request came: queue anew.
@@ -250,8 +261,10 @@ async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse
 }
 
 fn new_request(user_id: String, email: String, reply_to: String) -> EnsureRequest {
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    tracing::Span::current().record("request_id", request_id.as_str());
     EnsureRequest {
-        request_id: uuid::Uuid::new_v4().simple().to_string(),
+        request_id,
         user_id,
         email,
         reply_to,

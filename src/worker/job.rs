@@ -119,6 +119,7 @@ impl WorkerContext {
         let now = now_millis();
         let mut deliveries = Vec::with_capacity(stored.len() + dead.len());
         for (d, canonical) in &stored {
+            tracing::debug!(request_id = %d.request.request_id, user_id = %d.request.user_id, canonical_id = %canonical, "ensured");
             metrics::histogram!(telemetry::ENQUEUE_TO_DONE_SECONDS)
                 .record(now.saturating_sub(d.request.enqueued_at_ms) as f64 / 1000.0);
             deliveries.push(Delivery {

@@ -13,6 +13,7 @@ use backoff::backoff::Backoff as _;
 use futures_util::FutureExt as _;
 use redis::Value;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use super::job::WorkerContext;
 use crate::queue::{self, ingress, QueueTopology, RawEntry, RedisConn};
@@ -208,8 +209,10 @@ impl Consumer {
         let count = entries.len();
         // A panic in a batch is a bug, not a reason to lose the consumer: count it and move
         // on; the entries stay pending and are re-claimed later.
+        let span = tracing::info_span!("batch", consumer = %self.name, stream, entries = count);
         let result = AssertUnwindSafe(self.ctx.try_process_batch(stream, entries))
             .catch_unwind()
+            .instrument(span)
             .await;
         match result {
             Ok(Ok(_)) => {}

@@ -348,14 +348,17 @@ pub fn expected_command(user_id: &str, email: &str, request_id: &str) -> String 
     )
 }
 
-/// The built `ensure-user` binary, run as a child process with the given settings.
+/// The built `ensure-user` binary, run as a child process with the given settings. Its
+/// log (stderr) goes to a file, so a chatty process can never block on a full pipe.
 pub struct Process {
     pub child: Child,
     pub address: SocketAddr,
+    log: tempfile::NamedTempFile,
 }
 
 impl Process {
     pub async fn spawn(args: &[&str], vars: &[(String, String)]) -> Self {
+        let log = tempfile::NamedTempFile::new().unwrap();
         let port = free_port();
         let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_ensure-user"))
@@ -366,10 +369,14 @@ impl Process {
             .env("LISTEN_ADDR", address.to_string())
             .env("METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log.reopen().unwrap())
             .spawn()
             .unwrap();
-        let process = Self { child, address };
+        let process = Self {
+            child,
+            address,
+            log,
+        };
         let client = reqwest::Client::new();
         let url = format!("http://{address}/healthz");
         eventually("the process to answer /healthz", || async {
@@ -382,6 +389,13 @@ impl Process {
         })
         .await;
         process
+    }
+
+    /// Sends SIGTERM and returns the exit status and the whole log once it has exited.
+    pub async fn terminate_with_logs(self) -> (std::process::ExitStatus, String) {
+        let log = self.log.reopen().unwrap();
+        let status = self.terminate().await;
+        (status, std::io::read_to_string(log).unwrap())
     }
 
     /// Sends SIGTERM and returns the exit status once the process has exited.
@@ -406,6 +420,7 @@ impl Process {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
 }
 
 /// Runs a one-shot command of the binary (e.g. `dead-letters list`) and returns its stdout.

@@ -109,3 +109,66 @@ async fn sigterm_stops_serve_with_exit_0() {
     let status = process.terminate().await;
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn logs_never_carry_tokens_secrets_or_emails() {
+    let mut stack = Stack::start().await;
+    set(&mut stack.vars, "RUST_LOG", "debug");
+    set(&mut stack.vars, "LOG_FORMAT", "json");
+    let serve = Process::spawn(&["serve"], &stack.vars).await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{}{ENSURE_PATH}", serve.address);
+    let good = token("logged-user", "private.person@example.com");
+    let forged = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"userId": "x", "email": "forged.person@example.com"}),
+        &jsonwebtoken::EncodingKey::from_secret(b"wrong"),
+    )
+    .unwrap();
+    let no_email = token("no-email", "not-an-address");
+
+    let ok: Value = client
+        .post(&url)
+        .bearer_auth(&good)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for t in [&forged, &no_email] {
+        assert!(client
+            .post(&url)
+            .bearer_auth(t)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_client_error());
+    }
+    let (status, logs) = serve.terminate_with_logs().await;
+    assert!(status.success());
+
+    // The log says who and which request, in JSON lines…
+    let request_id = ok["requestId"].as_str().unwrap();
+    assert!(logs.contains(request_id), "the request id is logged");
+    assert!(logs.contains("logged-user"), "the user id is logged");
+    assert!(
+        logs.lines()
+            .all(|l| l.is_empty() || serde_json::from_str::<Value>(l).is_ok()),
+        "JSON lines"
+    );
+    // …and never a token (or any part of its signature), the secret, or an address.
+    for secret in [good.as_str(), forged.as_str(), no_email.as_str(), SECRET] {
+        assert!(!logs.contains(secret), "a secret leaked into the log");
+        let signature = secret.rsplit('.').next().unwrap();
+        assert!(!logs.contains(signature), "a signature leaked into the log");
+    }
+    for email in [
+        "private.person@example.com",
+        "forged.person@example.com",
+        "not-an-address",
+    ] {
+        assert!(!logs.contains(email), "{email} leaked into the log");
+    }
+}
