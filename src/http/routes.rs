@@ -87,7 +87,9 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> HttpRespons
     let started = Instant::now();
     let route = route_name(req.uri().path());
     // The ensure flow fills in who asked and which request it became; never the token.
-    let span = tracing::info_span!(
+    // Debug level: at the default `info` it costs nothing on the hot path; the warnings
+    // the flow logs carry the request and user ids as fields of their own.
+    let span = tracing::debug_span!(
         "request",
         route,
         user_id = tracing::field::Empty,
@@ -221,7 +223,7 @@ async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse
     }
     if state.wait.is_zero() {
         let request = new_request(identity.user_id, identity.email, String::new());
-        enqueue(ingress, &request).await?;
+        enqueue(ingress, &request, true).await?;
         answer("queued");
         return Ok(responses::initiated(&request.user_id, &request.request_id));
     }
@@ -242,19 +244,29 @@ async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse
             Some(Heard::Requeue) => {}
             None => {
                 answer("timeout");
-                return Ok(responses::initiated(&identity.user_id, &request_id));
+                let shared = EnsureRequest {
+                    request_id,
+                    user_id: identity.user_id,
+                    email: identity.email,
+                    reply_to: String::new(),
+                    enqueued_at_ms: 0,
+                };
+                ingress.note_queued(&shared).await;
+                return Ok(responses::initiated(&shared.user_id, &shared.request_id));
             }
         }
     }
 
     let request = new_request(identity.user_id, identity.email, state.listener_id.clone());
     let mut waiter = state.waiters.register(&request.request_id, &user_key);
-    enqueue(ingress, &request).await?;
+    enqueue(ingress, &request, false).await?;
     match waiter.until(deadline, &state.shutdown).await {
         Some(Heard::Outcome(outcome)) => outcome_answer(outcome, &request.request_id),
         // The owner of an entry always hears its outcome; this arm cannot be reached.
         Some(Heard::Requeue) | None => {
             answer("timeout");
+            // A 202 is a promise the client can follow; make sure its record exists.
+            ingress.note_queued(&request).await;
             Ok(responses::initiated(&request.user_id, &request.request_id))
         }
     }
@@ -272,8 +284,12 @@ fn new_request(user_id: String, email: String, reply_to: String) -> EnsureReques
     }
 }
 
-async fn enqueue(ingress: &Ingress, request: &EnsureRequest) -> Result<(), ApiError> {
-    ingress.enqueue(request).await.map(drop).map_err(|e| {
+async fn enqueue(
+    ingress: &Ingress,
+    request: &EnsureRequest,
+    with_record: bool,
+) -> Result<(), ApiError> {
+    ingress.enqueue(request, with_record).await.map(drop).map_err(|e| {
         metrics::counter!(telemetry::ENQUEUE_FAILURES).increment(1);
         answer("unavailable");
         tracing::warn!(request_id = %request.request_id, user_id = %request.user_id, error = %e, "request not queued; answered 503");

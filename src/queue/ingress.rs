@@ -118,36 +118,46 @@ impl Ingress {
         }
     }
 
-    /// Appends the request to its user's shard, with its `queued` status record in the same
-    /// MULTI (one round trip), and returns the entry id once Redis has answered.
+    /// Appends the request to its user's shard and returns the entry id once Redis has
+    /// answered. With `with_record`, the `queued` status record goes in the same pipeline
+    /// (still one round trip): for answers that are given at once (`ENSURE_WAIT_MS=0`).
     ///
     /// On a timeout the command is abandoned: if it was never sent it never will be. The one
     /// ambiguous case (sent, but the answer lost) is described in the README.
-    pub async fn enqueue(&self, request: &EnsureRequest) -> Result<String, EnqueueError> {
+    pub async fn enqueue(
+        &self,
+        request: &EnsureRequest,
+        with_record: bool,
+    ) -> Result<String, EnqueueError> {
         let stream = self.topology.shard_for(&request.user_id);
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
-        pipe.atomic();
         let xadd = pipe.cmd("XADD").arg(stream).arg("*");
         for (name, value) in request.to_fields() {
             xadd.arg(name).arg(value);
         }
-        self.status.add_record(
-            &mut pipe,
-            stream,
-            &RequestRecord {
-                request_id: request.request_id.clone(),
-                state: RequestState::Queued,
-                user_id: None,
-                reason: None,
-                last_error: None,
-                owner: request.user_id.clone(),
-            },
-        );
+        if with_record {
+            // Not in a MULTI: the record is only a view. Should it ever be missing while the
+            // entry exists, the worker's next write (retrying, done, dead) creates it.
+            self.status
+                .add_record(&mut pipe, stream, &queued_record(request), false);
+        }
         match tokio::time::timeout(self.timeout, pipe.query_async::<(String,)>(&mut conn)).await {
             Ok(result) => Ok(result?.0),
             Err(_) => Err(EnqueueError::Timeout(self.timeout)),
         }
+    }
+
+    /// Writes the `queued` record of a request answered 202 after its wait, unless a worker
+    /// already wrote a later state. Best effort, bounded: the answer does not wait long.
+    pub async fn note_queued(&self, request: &EnsureRequest) {
+        let stream = self.topology.shard_for(&request.user_id);
+        let mut pipe = redis::pipe();
+        self.status
+            .add_record(&mut pipe, stream, &queued_record(request), true);
+        let mut conn = self.conn.clone();
+        let write = pipe.query_async::<()>(&mut conn);
+        let _ = tokio::time::timeout(Duration::from_millis(250), write).await;
     }
 
     /// The status record of a request of `user_id`, from that user's shard.
@@ -159,6 +169,17 @@ impl Ingress {
         self.status
             .fetch(&self.conn, self.topology.shard_for(user_id), request_id)
             .await
+    }
+}
+
+fn queued_record(request: &EnsureRequest) -> RequestRecord {
+    RequestRecord {
+        request_id: request.request_id.clone(),
+        state: RequestState::Queued,
+        user_id: None,
+        reason: None,
+        last_error: None,
+        owner: request.user_id.clone(),
     }
 }
 

@@ -67,19 +67,30 @@ impl StatusKeys {
         format!("{stream}:failures")
     }
 
-    /// Adds the write of `record` to a pipeline.
-    pub fn add_record(&self, pipe: &mut redis::Pipeline, stream: &str, record: &RequestRecord) {
+    /// Adds the write of `record` to a pipeline; with `only_if_new`, an existing (later)
+    /// record is kept.
+    pub fn add_record(
+        &self,
+        pipe: &mut redis::Pipeline,
+        stream: &str,
+        record: &RequestRecord,
+        only_if_new: bool,
+    ) {
         let json = serde_json::to_string(&Stored {
             record,
             owner: &record.owner,
         })
         .unwrap_or_default();
-        pipe.cmd("SET")
+        let cmd = pipe
+            .cmd("SET")
             .arg(Self::record_key(stream, &record.request_id))
             .arg(json)
             .arg("EX")
-            .arg(self.ttl_secs)
-            .ignore();
+            .arg(self.ttl_secs);
+        if only_if_new {
+            cmd.arg("NX");
+        }
+        cmd.ignore();
     }
 
     /// Adds "these entries failed at `step`" to a pipeline: the first failure time is kept,

@@ -363,6 +363,7 @@ impl WorkerContext {
                         last_error: None,
                         owner: request.user_id.clone(),
                     },
+                    false,
                 );
             }
         }
@@ -378,6 +379,7 @@ impl WorkerContext {
                     last_error: None,
                     owner: d.request.user_id.clone(),
                 },
+                false,
             );
         }
         self.status.add_forget_failures(&mut pipe, stream, &ids);
@@ -422,6 +424,7 @@ impl WorkerContext {
                     last_error: Some(step.to_string()),
                     owner: d.request.user_id.clone(),
                 },
+                false,
             );
         }
         let mut conn = self.queue.clone();
