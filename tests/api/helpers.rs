@@ -420,7 +420,6 @@ impl Process {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
-
 }
 
 /// Runs a one-shot command of the binary (e.g. `dead-letters list`) and returns its stdout.
