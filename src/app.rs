@@ -238,6 +238,10 @@ impl Application {
             }
             .run(Duration::from_millis(250), self.shutdown.clone()),
         );
+        tracker.spawn(telemetry::run_metrics_upkeep(
+            telemetry::metrics_handle(),
+            self.shutdown.clone(),
+        ));
         tracker.spawn(watch_dependencies(
             Arc::clone(&self.api),
             self.shutdown.clone(),

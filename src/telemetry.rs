@@ -180,6 +180,21 @@ fn zero_known_series() {
     }
 }
 
+/// Drains recorded histogram samples into their buckets every few seconds until
+/// `shutdown`. Without it samples pile up in memory between scrapes (and forever when
+/// nothing scrapes): the exporter only folds them in on `render()` or upkeep.
+pub async fn run_metrics_upkeep(
+    handle: PrometheusHandle,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => handle.run_upkeep(),
+        }
+    }
+}
+
 /// Sets up logging: human-readable by default, one JSON object per line with `LOG_FORMAT=json`.
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
