@@ -53,23 +53,12 @@ impl ApiError {
             ApiError::Auth(AuthError::InvalidPayload) => {
                 error(StatusCode::BAD_REQUEST, "Invalid token payload.")
             }
-            ApiError::QueueUnavailable => {
-                let mut r = error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "The ensure queue is unavailable; please retry shortly.",
-                );
-                r.headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-                r
-            }
+            ApiError::QueueUnavailable => unavailable(
+                "The ensure queue is unavailable; please retry shortly.",
+                "1",
+            ),
             ApiError::Backlog => {
-                let mut r = error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "The ensure queue is full; please retry shortly.",
-                );
-                r.headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from_static("5"));
-                r
+                unavailable("The ensure queue is full; please retry shortly.", "5")
             }
             ApiError::Failed => error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -116,6 +105,13 @@ struct ErrorBody<'a> {
 
 fn error(status: StatusCode, message: &str) -> HttpResponse {
     json(status, &ErrorBody { error: message })
+}
+
+fn unavailable(message: &str, retry_after_secs: &'static str) -> HttpResponse {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, message);
+    r.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static(retry_after_secs));
+    r
 }
 
 fn unauthorized(message: &str) -> HttpResponse {

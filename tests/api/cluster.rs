@@ -70,19 +70,12 @@ impl RedisCluster {
         };
         for port in &cluster.ports {
             let url = format!("redis://127.0.0.1:{port}");
-            eventually("a cluster node to answer", || {
-                let url = url.clone();
-                async move {
-                    let mut conn = redis::Client::open(url)
-                        .ok()?
-                        .get_multiplexed_async_connection()
-                        .await
-                        .ok()?;
-                    redis::cmd("PING")
-                        .query_async::<String>(&mut conn)
-                        .await
-                        .ok()
-                }
+            eventually("a cluster node to answer", || async {
+                let mut conn = redis_conn(&url).await?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .ok()
             })
             .await;
         }
@@ -102,21 +95,14 @@ impl RedisCluster {
         assert!(status.success(), "redis-cli --cluster create failed");
         for port in &cluster.ports {
             let url = format!("redis://127.0.0.1:{port}");
-            eventually("the cluster to be ok on every node", || {
-                let url = url.clone();
-                async move {
-                    let mut conn = redis::Client::open(url)
-                        .ok()?
-                        .get_multiplexed_async_connection()
-                        .await
-                        .ok()?;
-                    let info: String = redis::cmd("CLUSTER")
-                        .arg("INFO")
-                        .query_async(&mut conn)
-                        .await
-                        .ok()?;
-                    info.contains("cluster_state:ok").then_some(())
-                }
+            eventually("the cluster to be ok on every node", || async {
+                let mut conn = redis_conn(&url).await?;
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                info.contains("cluster_state:ok").then_some(())
             })
             .await;
         }

@@ -43,6 +43,15 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A connection to a Redis at `url`, or `None` while it does not answer.
+pub async fn redis_conn(url: &str) -> Option<redis::aio::MultiplexedConnection> {
+    redis::Client::open(url)
+        .ok()?
+        .get_multiplexed_async_connection()
+        .await
+        .ok()
+}
+
 /// A `redis-server` of the test's own, on a free port, killed when dropped.
 pub struct RedisServer {
     pub port: u16,
@@ -95,16 +104,12 @@ impl RedisServer {
             .expect("redis-server must be on PATH (see README: ./scripts/test installs it)");
         self.child = Some(child);
         let url = self.url();
-        eventually("redis-server to answer", || {
-            let url = url.clone();
-            async move {
-                let client = redis::Client::open(url).ok()?;
-                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .ok()
-            }
+        eventually("redis-server to answer", || async {
+            let mut conn = redis_conn(&url).await?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .ok()
         })
         .await;
     }
