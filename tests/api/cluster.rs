@@ -70,14 +70,7 @@ impl RedisCluster {
         };
         for port in &cluster.ports {
             let url = format!("redis://127.0.0.1:{port}");
-            eventually("a cluster node to answer", || async {
-                let mut conn = redis_conn(&url).await?;
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .ok()
-            })
-            .await;
+            wait_until_answers(&url).await;
         }
         let nodes: Vec<String> = cluster
             .ports

@@ -30,7 +30,7 @@ where
             return value;
         }
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        tokio::time::sleep(Duration::from_millis(25)).await; // poll interval, bounded by the deadline above
     }
 }
 
@@ -50,6 +50,18 @@ pub async fn redis_conn(url: &str) -> Option<redis::aio::MultiplexedConnection> 
         .get_multiplexed_async_connection()
         .await
         .ok()
+}
+
+/// Waits until the Redis at `url` answers PING.
+pub async fn wait_until_answers(url: &str) {
+    eventually(&format!("{url} to answer"), || async {
+        let mut conn = redis_conn(url).await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .ok()
+    })
+    .await;
 }
 
 /// A `redis-server` of the test's own, on a free port, killed when dropped.
@@ -104,14 +116,7 @@ impl RedisServer {
             .expect("redis-server must be on PATH (see README: ./scripts/test installs it)");
         self.child = Some(child);
         let url = self.url();
-        eventually("redis-server to answer", || async {
-            let mut conn = redis_conn(&url).await?;
-            redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .ok()
-        })
-        .await;
+        wait_until_answers(&url).await;
     }
 
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
