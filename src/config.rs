@@ -76,6 +76,23 @@ pub struct JwtConfig {
     pub require_exp: bool,
 }
 
+impl JwtConfig {
+    /// HS256 with one secret and the contract's defaults (leeway 60 s, `exp` optional).
+    pub fn hs256(secret: impl Into<Vec<u8>>) -> Self {
+        Self {
+            secret: Some(JwtSecret::new(secret)),
+            previous_secret: None,
+            algorithms: vec![jsonwebtoken::Algorithm::HS256],
+            public_key: None,
+            jwks: None,
+            issuer: None,
+            audience: Vec::new(),
+            leeway_secs: 60,
+            require_exp: false,
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {

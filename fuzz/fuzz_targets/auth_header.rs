@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use ensure_user::config::{JwtConfig, JwtSecret};
+use ensure_user::config::JwtConfig;
 use ensure_user::http::auth::Authenticator;
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use libfuzzer_sys::fuzz_target;
@@ -12,23 +12,9 @@ use libfuzzer_sys::fuzz_target;
 fn authenticator() -> &'static Authenticator {
     static AUTH: OnceLock<Authenticator> = OnceLock::new();
     AUTH.get_or_init(|| {
-        Authenticator::new(&JwtConfig {
-            secret: Some(JwtSecret::new("fuzz-secret-fuzz-secret-fuzz-secret")),
-            previous_secret: None,
-            algorithms: vec![jsonwebtoken_alg()],
-            public_key: None,
-            jwks: None,
-            issuer: None,
-            audience: Vec::new(),
-            leeway_secs: 60,
-            require_exp: false,
-        })
-        .expect("the fuzz configuration is valid")
+        Authenticator::new(&JwtConfig::hs256("fuzz-secret-fuzz-secret-fuzz-secret"))
+            .expect("the fuzz configuration is valid")
     })
-}
-
-fn jsonwebtoken_alg() -> ensure_user::http::auth::Algorithm {
-    ensure_user::http::auth::Algorithm::HS256
 }
 
 fuzz_target!(|data: &[u8]| {

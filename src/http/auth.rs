@@ -411,18 +411,7 @@ mod tests {
     use hyper::header::HeaderValue;
 
     fn auth() -> Authenticator {
-        Authenticator::new(&JwtConfig {
-            secret: Some(JwtSecret::new("secret")),
-            previous_secret: None,
-            algorithms: vec![Algorithm::HS256],
-            public_key: None,
-            jwks: None,
-            issuer: None,
-            audience: Vec::new(),
-            leeway_secs: 60,
-            require_exp: false,
-        })
-        .unwrap()
+        Authenticator::new(&JwtConfig::hs256("secret")).unwrap()
     }
 
     #[test]
@@ -551,14 +540,9 @@ mod tests {
         fn config(algorithms: &[Algorithm]) -> JwtConfig {
             JwtConfig {
                 secret: None,
-                previous_secret: None,
                 algorithms: algorithms.to_vec(),
-                public_key: None,
-                jwks: None,
-                issuer: None,
-                audience: Vec::new(),
                 leeway_secs: 0,
-                require_exp: false,
+                ..JwtConfig::hs256("unused")
             }
         }
 

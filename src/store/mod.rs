@@ -84,6 +84,15 @@ pub struct NewUser {
     pub email: String,
 }
 
+impl NewUser {
+    pub fn new(user_id: impl Into<String>, email: impl Into<String>) -> Self {
+        Self {
+            user_id: user_id.into(),
+            email: email.into(),
+        }
+    }
+}
+
 /// What the store made of one [`NewUser`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolution {
@@ -92,4 +101,12 @@ pub enum Resolution {
     Stored { canonical_id: String },
     /// This row can never be stored (e.g. the database refuses its values).
     Refused { reason: String },
+}
+
+impl Resolution {
+    pub fn stored(canonical_id: impl Into<String>) -> Self {
+        Resolution::Stored {
+            canonical_id: canonical_id.into(),
+        }
+    }
 }

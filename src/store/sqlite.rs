@@ -297,16 +297,11 @@ mod tests {
     }
 
     fn user(id: &str, email: &str) -> NewUser {
-        NewUser {
-            user_id: id.into(),
-            email: email.into(),
-        }
+        NewUser::new(id, email)
     }
 
     fn stored(id: &str) -> Resolution {
-        Resolution::Stored {
-            canonical_id: id.into(),
-        }
+        Resolution::stored(id)
     }
 
     #[tokio::test]

@@ -223,10 +223,7 @@ impl WorkerContext {
         }
         let users: Vec<NewUser> = good
             .iter()
-            .map(|d| NewUser {
-                user_id: d.request.user_id.clone(),
-                email: d.request.email.clone(),
-            })
+            .map(|d| NewUser::new(d.request.user_id.clone(), d.request.email.clone()))
             .collect();
         let in_flight: Vec<&Decoded> = good.iter().collect();
         let result = self

@@ -139,21 +139,29 @@ async fn kill_9_of_one_worker_lets_the_other_reclaim_its_entries() {
     assert!(listener.terminate().await.success());
 }
 
-#[tokio::test]
-async fn queue_redis_killed_and_restarted_with_aof_keeps_every_accepted_request() {
-    let mut queue =
-        RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await;
+/// Runs `serve` with the Engine's Redis stopped, sends `n` ensures, lets `during` break
+/// something more, brings the Engine back, and checks every accepted request is delivered.
+async fn load_through_engine_outage(
+    queue: &mut RedisServer,
+    wait_ms: &str,
+    n: usize,
+    during: impl AsyncFnOnce(&mut RedisServer),
+) {
     let mut engine = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("users.db");
-    let mut vars = test_vars(&queue, &engine, &db);
-    set(&mut vars, "ENSURE_WAIT_MS", "0");
+    let mut vars = test_vars(queue, &engine, &db);
+    set(&mut vars, "ENSURE_WAIT_MS", wait_ms);
     let serve = Process::spawn(&["serve"], &vars).await;
     engine.stop();
 
-    let accepted = send_load(serve.address, "aof", 50).await;
-    assert_eq!(accepted.len(), 50);
-    queue.restart().await; // SIGKILL, then start again from its AOF
+    let accepted = send_load(serve.address, "outage", n).await;
+    assert_eq!(
+        accepted.len(),
+        n,
+        "every request gets its 2xx during the outage"
+    );
+    during(queue).await;
     engine.restart().await;
 
     all_delivered(&db, &engine, &accepted).await;
@@ -161,28 +169,20 @@ async fn queue_redis_killed_and_restarted_with_aof_keeps_every_accepted_request(
 }
 
 #[tokio::test]
+async fn queue_redis_killed_and_restarted_with_aof_keeps_every_accepted_request() {
+    let mut queue =
+        RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await;
+    // SIGKILL, then start again from its AOF.
+    load_through_engine_outage(&mut queue, "0", 50, async |q: &mut RedisServer| {
+        q.restart().await
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn engine_redis_down_under_load_delivers_everything_after_it_returns() {
-    let Stack {
-        queue: _queue,
-        mut engine,
-        db,
-        mut vars,
-        dir: _dir,
-    } = Stack::start().await;
-    set(&mut vars, "ENSURE_WAIT_MS", "300");
-    let serve = Process::spawn(&["serve"], &vars).await;
-    engine.stop();
-
-    let accepted = send_load(serve.address, "outage", 200).await;
-    assert_eq!(
-        accepted.len(),
-        200,
-        "every request gets its 2xx during the outage"
-    );
-    engine.restart().await;
-
-    all_delivered(&db, &engine, &accepted).await;
-    assert!(serve.terminate().await.success());
+    let mut queue = RedisServer::start().await;
+    load_through_engine_outage(&mut queue, "300", 200, async |_: &mut RedisServer| {}).await;
 }
 
 #[tokio::test]

@@ -7,16 +7,11 @@ use ensure_user::store::{NewUser, Resolution};
 use crate::helpers::*;
 
 fn user(id: &str, email: &str) -> NewUser {
-    NewUser {
-        user_id: id.into(),
-        email: email.into(),
-    }
+    NewUser::new(id, email)
 }
 
 fn stored(id: &str) -> Resolution {
-    Resolution::Stored {
-        canonical_id: id.into(),
-    }
+    Resolution::stored(id)
 }
 
 /// Every rule, against one store.
