@@ -23,7 +23,7 @@ use crate::http::listener::{self, ConnectionLimits, Site};
 use crate::http::routes::{ApiState, Readiness};
 use crate::queue::monitor::QueueMonitor;
 use crate::queue::status::StatusKeys;
-use crate::queue::{self, ingress, outcome};
+use crate::queue::{self, ingress, layout, outcome};
 use crate::store::Store;
 use crate::telemetry;
 use crate::worker::job::EngineConfirmation;
@@ -86,7 +86,8 @@ impl Application {
             for stream in &topology.shards {
                 ingress::ensure_group(&queue_conn, stream, &config.ensure_group).await?;
             }
-            Ok::<_, redis::RedisError>(())
+            // So that workers of a later layout know to drain these streams.
+            layout::register(&queue_conn, &topology.ensure_stream, &topology.shards).await
         };
         match tokio::time::timeout(Duration::from_secs(2), groups).await {
             Ok(Ok(())) => warn_unless_durable(&queue_conn).await,
@@ -101,11 +102,7 @@ impl Application {
         let status = StatusKeys {
             ttl_secs: config.outcome_ttl_secs,
         };
-        let mut readiness = Readiness {
-            queue: queue_conn.clone(),
-            engine: None,
-            store: None,
-        };
+        let mut readiness = Readiness::new(queue_conn.clone(), None, None);
         let worker = if mode.works() {
             let store = Store::open(
                 config.database_url.as_deref(),
@@ -123,6 +120,7 @@ impl Application {
                 (config.engine_confirm == EngineConfirm::Ack).then(|| EngineConfirmation {
                     confirmations: Arc::new(Confirmations::default()),
                     timeout: config.engine_confirm_timeout,
+                    max_attempts: config.engine_confirm_max_attempts,
                 });
             Some(Arc::new(WorkerContext {
                 store,
@@ -134,6 +132,7 @@ impl Application {
                 confirm,
                 status,
                 max_deliveries: config.max_deliveries,
+                claim_idle: config.claim_idle,
                 queue: queue_conn.clone(),
                 outcomes: outcome::OutcomeBus::new(
                     local,
@@ -232,6 +231,7 @@ impl Application {
             QueueMonitor {
                 conn: self.api.readiness.queue.clone(),
                 shards: self.config.queue_topology().shards,
+                ensure_stream: self.config.ensure_stream.clone(),
                 group: self.config.ensure_group.clone(),
                 backlog: Arc::clone(&self.api.backlog),
                 max_backlog: self.config.queue_max_backlog,
@@ -284,21 +284,31 @@ impl Application {
     }
 }
 
-/// Keeps the `dependency_up` gauges current (every 5 s), as `/readyz` would answer.
+/// Pings every dependency four times a second, each ping on its own (a frozen one does
+/// not hold up the others, nor the next round); `/readyz` and the `dependency_up` gauges
+/// read when each last answered.
 async fn watch_dependencies(api: Arc<ApiState>, shutdown: CancellationToken) {
-    let mut all = vec!["queue_redis"];
-    if let Some(store) = &api.readiness.store {
-        all.extend(["engine_redis", store.name()]);
-    }
+    let dependencies = api.readiness.dependencies();
+    let mut round = 0u64;
     loop {
-        let failing = api.readiness.failing().await;
-        for name in &all {
-            let up = if failing.contains(name) { 0.0 } else { 1.0 };
-            metrics::gauge!(telemetry::DEPENDENCY_UP, "dependency" => *name).set(up);
+        for &dependency in &dependencies {
+            let api = Arc::clone(&api);
+            // Bounded: a ping gives up after a second, so at most four are in flight.
+            tokio::spawn(async move { api.readiness.ping(dependency).await });
         }
+        // The gauges every second are plenty for a scrape.
+        if round % 4 == 0 {
+            let failing = api.readiness.failing().await;
+            for &dependency in &dependencies {
+                let name = api.readiness.name(dependency);
+                let up = if failing.contains(&name) { 0.0 } else { 1.0 };
+                metrics::gauge!(telemetry::DEPENDENCY_UP, "dependency" => name).set(up);
+            }
+        }
+        round += 1;
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
     }
 }

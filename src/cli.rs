@@ -44,6 +44,10 @@ pub enum Command {
         /// Read the Engine stream from its start instead of its end.
         #[arg(long)]
         from_start: bool,
+        /// Reply as the platform's older Engine does: `{"function","message"}` only, without
+        /// `requestId` or `correlationId`.
+        #[arg(long)]
+        without_ids: bool,
     },
 }
 

@@ -26,7 +26,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::EngineStub {
             drop_replies,
             from_start,
-        } => engine_stub(drop_replies, from_start).await,
+            without_ids,
+        } => engine_stub(drop_replies, from_start, without_ids).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -50,7 +51,7 @@ async fn serve(mode: Mode) -> anyhow::Result<()> {
     app.run_until_stopped(shutdown_signal()).await
 }
 
-async fn engine_stub(drop_replies: u64, from_start: bool) -> anyhow::Result<()> {
+async fn engine_stub(drop_replies: u64, from_start: bool, without_ids: bool) -> anyhow::Result<()> {
     // The stub needs only the Engine's side of the settings; no token secret.
     let url = std::env::var("ENGINE_REDIS_URL")
         .or_else(|_| std::env::var("REDIS_URL"))
@@ -72,6 +73,7 @@ async fn engine_stub(drop_replies: u64, from_start: bool) -> anyhow::Result<()> 
             reply_stream: var("ENGINE_REPLY_STREAM", "stream:exnessReceive"),
             drop_replies,
             from_start,
+            without_ids,
         },
         shutdown,
     )

@@ -149,6 +149,7 @@ pub struct Config {
     pub queue_max_backlog: u64,
     pub engine_confirm: EngineConfirm,
     pub engine_confirm_timeout: Duration,
+    pub engine_confirm_max_attempts: u32,
     pub retry_initial: Duration,
     pub retry_max: Duration,
     pub shutdown_grace: Duration,
@@ -463,6 +464,7 @@ impl Config {
             queue_max_backlog: s.positive("QUEUE_MAX_BACKLOG", 1_000_000)? as u64,
             engine_confirm,
             engine_confirm_timeout: s.millis("ENGINE_CONFIRM_TIMEOUT_MS", 5000)?,
+            engine_confirm_max_attempts: s.positive("ENGINE_CONFIRM_MAX_ATTEMPTS", 5)? as u32,
             retry_initial,
             retry_max,
             shutdown_grace: Duration::from_secs(s.parse(

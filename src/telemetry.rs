@@ -28,6 +28,8 @@ pub const SQLITE_TXN_SECONDS: &str = "ensure_user_sqlite_transaction_seconds";
 pub const ENGINE_PUBLISH_SECONDS: &str = "ensure_user_engine_publish_seconds";
 pub const ENGINE_PUBLISH_FAILURES: &str = "ensure_user_engine_publish_failures_total";
 pub const ENGINE_REPUBLISHED: &str = "ensure_user_engine_republished_total";
+pub const ENGINE_UNCORRELATED_REPLIES: &str = "ensure_user_engine_uncorrelated_replies_total";
+pub const LEASE_LOST: &str = "ensure_user_lease_lost_total";
 pub const BACKLOG_REFUSALS: &str = "ensure_user_backlog_refusals_total";
 pub const QUEUE_BACKLOG: &str = "ensure_user_queue_backlog";
 pub const QUEUE_PENDING: &str = "ensure_user_queue_pending";
@@ -102,7 +104,7 @@ fn describe() {
     );
     describe_counter!(
         JOBS_DEAD_LETTERED,
-        "Entries moved to the dead letters, by reason (undecodable, max_deliveries, refused)."
+        "Entries moved to the dead letters, by reason (undecodable, max_deliveries, refused, engine_unconfirmed)."
     );
     describe_counter!(
         JOB_PANICS,
@@ -121,6 +123,8 @@ fn describe() {
         ENGINE_PUBLISH_FAILURES,
         "Failed attempts to publish to the Engine stream."
     );
+    describe_counter!(ENGINE_UNCORRELATED_REPLIES, "Engine replies without requestId/correlationId that named no single waiting command (ENGINE_CONFIRM=ack; counted per worker process).");
+    describe_counter!(LEASE_LOST, "Entries a consumer found re-claimed by another while it still worked on them (it then left them alone).");
     describe_counter!(ENGINE_REPUBLISHED, "Commands republished because the Engine did not confirm them in time (ENGINE_CONFIRM=ack).");
     describe_counter!(
         BACKLOG_REFUSALS,
@@ -160,10 +164,10 @@ fn zero_known_series() {
     ] {
         metrics::counter!(ANSWERS, "outcome" => outcome).absolute(0);
     }
-    for step in ["store", "engine", "ack"] {
+    for step in ["store", "engine", "engine_unconfirmed", "ack"] {
         metrics::counter!(JOB_RETRIES, "step" => step).absolute(0);
     }
-    for reason in ["undecodable", "max_deliveries", "refused"] {
+    for reason in ["undecodable", "max_deliveries", "refused", "engine_unconfirmed"] {
         metrics::counter!(JOBS_DEAD_LETTERED, "reason" => reason).absolute(0);
     }
     for name in [
@@ -174,6 +178,8 @@ fn zero_known_series() {
         COALESCED,
         ENGINE_PUBLISH_FAILURES,
         ENGINE_REPUBLISHED,
+        ENGINE_UNCORRELATED_REPLIES,
+        LEASE_LOST,
         BACKLOG_REFUSALS,
     ] {
         metrics::counter!(name).absolute(0);

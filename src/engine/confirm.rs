@@ -2,8 +2,10 @@
 //!
 //! One reader per process follows `ENGINE_REPLY_STREAM` from its end (plain XREAD, not a
 //! group: every worker process must see every reply, since any of them may be waiting for
-//! it) and completes the waiting commands by `requestId` (or `correlationId`). Replies are
-//! read the way the Engine writes them: all field values joined, parsed as JSON.
+//! it) and completes the waiting commands by `requestId` (or `correlationId`); a reply
+//! without either (the platform's older Engine) completes the one waiting command whose
+//! user id it names, if exactly one does. Replies are read the way the Engine writes them:
+//! all field values joined, parsed as JSON.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -42,40 +44,125 @@ pub fn parse_joined<T: for<'de> Deserialize<'de>>(entry: &RawEntry) -> Option<T>
     serde_json::from_slice(&joined).ok()
 }
 
-/// Commands waiting for their reply, by request id.
+/// One command waiting for its reply.
+#[derive(Debug)]
+struct Expected {
+    user_id: String,
+    reply: oneshot::Sender<()>,
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    by_request: HashMap<String, Expected>,
+    /// When an uncorrelated reply was last logged (the log is rate-limited).
+    last_warned: Option<std::time::Instant>,
+}
+
+/// How a reply found (or did not find) the command it answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Correlation {
+    /// By `requestId` or `correlationId`.
+    ById,
+    /// By its `message` being the user id of exactly one command waiting here (the older
+    /// Engine's replies carry no ids).
+    ByUserId,
+    /// Carries an id, but not one of this process's commands: another process's.
+    Elsewhere,
+    /// No id, and no single command of this user waiting: it confirms nothing.
+    Uncorrelated,
+    /// Not a `createUser` reply.
+    Ignored,
+}
+
+/// Commands waiting for their reply, by request id (and, for replies without ids, by
+/// user id).
 #[derive(Debug, Default)]
 pub struct Confirmations {
-    waiting: Mutex<HashMap<String, oneshot::Sender<()>>>,
+    waiting: Mutex<Waiting>,
 }
 
 impl Confirmations {
-    /// Starts waiting for a reply to `request_id`; call before publishing.
-    pub fn expect(&self, request_id: &str) -> oneshot::Receiver<()> {
+    /// Starts waiting for a reply to `request_id`, a `createUser` of `user_id`; call before
+    /// publishing.
+    pub fn expect(&self, request_id: &str, user_id: &str) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(request_id.to_string(), tx);
+        self.lock().by_request.insert(
+            request_id.to_string(),
+            Expected {
+                user_id: user_id.to_string(),
+                reply: tx,
+            },
+        );
         rx
     }
 
     pub fn forget(&self, request_id: &str) {
-        self.lock().remove(request_id);
+        self.lock().by_request.remove(request_id);
     }
 
-    fn confirm(&self, reply: &EngineReply) {
+    /// Completes the command `reply` answers, when it can tell which.
+    pub fn confirm(&self, reply: &EngineReply) -> Correlation {
         if reply.function != "createUser" || reply.message.is_empty() {
-            return;
+            return Correlation::Ignored;
         }
         let mut waiting = self.lock();
-        for id in [&reply.request_id, &reply.correlation_id]
+        let ids: Vec<&String> = [&reply.request_id, &reply.correlation_id]
             .into_iter()
             .flatten()
-        {
-            if let Some(tx) = waiting.remove(id.as_str()) {
-                let _ = tx.send(());
+            .filter(|id| !id.is_empty())
+            .collect();
+        if !ids.is_empty() {
+            let mut found = false;
+            for id in ids {
+                if let Some(expected) = waiting.by_request.remove(id.as_str()) {
+                    let _ = expected.reply.send(());
+                    found = true;
+                }
             }
+            return if found {
+                Correlation::ById
+            } else {
+                Correlation::Elsewhere
+            };
         }
+        // No ids: the older Engine answers a new user with its id. Only an unambiguous match
+        // counts; "user Already Exist" names nobody.
+        let mut matching = waiting
+            .by_request
+            .iter()
+            .filter(|(_, e)| e.user_id == reply.message)
+            .map(|(id, _)| id.clone());
+        if let (Some(id), None) = (matching.next(), matching.next()) {
+            if let Some(expected) = waiting.by_request.remove(&id) {
+                let _ = expected.reply.send(());
+            }
+            return Correlation::ByUserId;
+        }
+        metrics::counter!(crate::telemetry::ENGINE_UNCORRELATED_REPLIES).increment(1);
+        let now = std::time::Instant::now();
+        if waiting
+            .last_warned
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+        {
+            waiting.last_warned = Some(now);
+            tracing::warn!(
+                message = %reply.message,
+                "an Engine reply matches no command waiting here: this Engine does not echo requestId, so only its replies to new users (message = userId) can confirm a command; others are republished and finally dead-lettered as engine_unconfirmed (logged at most once a minute)"
+            );
+        }
+        Correlation::Uncorrelated
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<()>>> {
+    /// Commands waiting right now.
+    pub fn len(&self) -> usize {
+        self.lock().by_request.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -121,7 +208,7 @@ pub async fn run_reply_reader(
                 delay = Duration::from_millis(100);
                 for entry in &entries {
                     if let Some(reply) = parse_joined::<EngineReply>(entry) {
-                        confirmations.confirm(&reply);
+                        let _ = confirmations.confirm(&reply);
                     }
                 }
                 if let Some(last) = entries.last() {
@@ -137,5 +224,38 @@ pub async fn run_reply_reader(
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(message: &str, request_id: Option<&str>) -> EngineReply {
+        EngineReply {
+            function: "createUser".into(),
+            message: message.into(),
+            request_id: request_id.map(str::to_string),
+            correlation_id: None,
+        }
+    }
+
+    #[test]
+    fn replies_correlate_by_id_then_by_a_single_user_id() {
+        let c = Confirmations::default();
+        let mut a = c.expect("r1", "u1");
+        let mut b = c.expect("r2", "u2");
+        let mut b2 = c.expect("r3", "u2");
+        assert_eq!(c.confirm(&reply("user Already Exist", Some("r1"))), Correlation::ById);
+        assert!(a.try_recv().is_ok());
+        assert_eq!(c.confirm(&reply("x", Some("other-process"))), Correlation::Elsewhere);
+        // Two commands of u2 wait: a bare "u2" cannot say which.
+        assert_eq!(c.confirm(&reply("u2", None)), Correlation::Uncorrelated);
+        assert_eq!(c.confirm(&reply("user Already Exist", None)), Correlation::Uncorrelated);
+        c.forget("r3");
+        assert_eq!(c.confirm(&reply("u2", None)), Correlation::ByUserId);
+        assert!(b.try_recv().is_ok());
+        assert!(b2.try_recv().is_err());
+        assert!(c.is_empty());
     }
 }

@@ -38,7 +38,7 @@ impl EnginePublisher {
 
     /// Publishes every command; on error some may have been published (the Engine's
     /// `createUser` is idempotent, so the whole batch is simply published again).
-    pub async fn publish(&self, commands: &[EngineCommand]) -> Result<(), PublishError> {
+    pub async fn publish(&self, commands: &[&EngineCommand]) -> Result<(), PublishError> {
         if commands.is_empty() {
             return Ok(());
         }

@@ -3,7 +3,8 @@
 //! It reads `ENGINE_STREAM` the way the real Engine does (joins an entry's field values and
 //! parses the JSON), keeps users in memory, finds an existing one by `userId` or
 //! `userEmail`, and answers on `ENGINE_REPLY_STREAM` in the Engine's reply format. It can
-//! drop its first replies, to exercise `ENGINE_CONFIRM=ack`.
+//! drop its first replies, to exercise `ENGINE_CONFIRM=ack`, and reply without ids, as
+//! the platform's older Engine does.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -32,10 +33,10 @@ struct Command {
 struct Reply<'a> {
     function: &'a str,
     message: &'a str,
-    #[serde(rename = "requestId")]
-    request_id: &'a str,
-    #[serde(rename = "correlationId")]
-    correlation_id: &'a str,
+    #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+    #[serde(rename = "correlationId", skip_serializing_if = "Option::is_none")]
+    correlation_id: Option<&'a str>,
 }
 
 /// How the stub behaves.
@@ -47,6 +48,8 @@ pub struct StubSettings {
     pub drop_replies: u64,
     /// Read the stream from its start instead of its end.
     pub from_start: bool,
+    /// Reply without `requestId`/`correlationId`, as the platform's older Engine does.
+    pub without_ids: bool,
 }
 
 /// Runs the stub until shutdown.
@@ -120,8 +123,8 @@ pub async fn run(
             let body = serde_json::to_string(&Reply {
                 function: "createUser",
                 message: &message,
-                request_id: &command.request_id,
-                correlation_id: &command.request_id,
+                request_id: (!settings.without_ids).then_some(command.request_id.as_str()),
+                correlation_id: (!settings.without_ids).then_some(command.request_id.as_str()),
             })?;
             pipe.cmd("XADD")
                 .arg(&settings.reply_stream)

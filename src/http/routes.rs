@@ -4,7 +4,7 @@
 //! wait (bounded) for the worker's outcome. The waiter is registered before the XADD so
 //! an outcome that arrives before the XADD's answer is not missed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,42 +28,118 @@ pub const MAX_BODY_BYTES: u64 = 64 * 1024;
 const ENSURE_PATH: &str = "/api/v1/auth/ensure-user";
 const REQUESTS_PREFIX: &str = "/api/v1/auth/ensure-user/requests/";
 
-/// The dependencies `/readyz` asks, by the name it reports them under.
+/// A dependency counts as up while it answered a ping within this long.
+pub const READINESS_WINDOW: Duration = Duration::from_secs(1);
+
+/// The dependencies `/readyz` reports, by the name it reports them under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    Queue,
+    Engine,
+    Store,
+}
+
+/// The dependencies `/readyz` asks, and when each last answered.
+///
+/// A sampler pings each dependency four times a second without waiting for earlier pings
+/// ([`Readiness::ping`]); `/readyz` only reads when each last answered. So a burst of probes
+/// never queues pings behind the store's writer, a frozen dependency costs a probe no wait,
+/// and one slow ping under load does not flip the answer.
 pub struct Readiness {
     pub queue: crate::queue::RedisConn,
     pub engine: Option<crate::queue::RedisConn>,
     pub store: Option<Store>,
+    started: Instant,
+    /// Per dependency: milliseconds after `started` of its last answer, plus one (0: never).
+    answered: [AtomicU64; 3],
+    /// Per dependency: when a ping last failed (refused, or no answer in time), likewise.
+    failed: [AtomicU64; 3],
+    /// Per dependency: whether a ping has finished yet, answered or not.
+    asked: [AtomicBool; 3],
 }
 
 impl Readiness {
-    /// Names of the dependencies that do not answer within a second.
-    pub async fn failing(&self) -> Vec<&'static str> {
-        let timeout = Duration::from_secs(1);
-        let store = async {
-            match &self.store {
-                Some(s) => matches!(tokio::time::timeout(timeout, s.ping()).await, Ok(Ok(()))),
-                None => true,
-            }
-        };
-        let engine = async {
-            match &self.engine {
+    pub fn new(
+        queue: crate::queue::RedisConn,
+        engine: Option<crate::queue::RedisConn>,
+        store: Option<Store>,
+    ) -> Self {
+        Self {
+            queue,
+            engine,
+            store,
+            started: Instant::now(),
+            answered: Default::default(),
+            failed: Default::default(),
+            asked: Default::default(),
+        }
+    }
+
+    /// The dependencies this process uses.
+    pub fn dependencies(&self) -> Vec<Dependency> {
+        let mut all = vec![Dependency::Queue];
+        if self.engine.is_some() {
+            all.push(Dependency::Engine);
+        }
+        if self.store.is_some() {
+            all.push(Dependency::Store);
+        }
+        all
+    }
+
+    /// The name `/readyz` and the `dependency_up` gauge use.
+    pub fn name(&self, dependency: Dependency) -> &'static str {
+        match dependency {
+            Dependency::Queue => "queue_redis",
+            Dependency::Engine => "engine_redis",
+            Dependency::Store => self.store.as_ref().map_or("sqlite", Store::name),
+        }
+    }
+
+    /// Pings one dependency (at most a second) and notes when it answered.
+    pub async fn ping(&self, dependency: Dependency) {
+        let timeout = READINESS_WINDOW;
+        let up = match dependency {
+            Dependency::Queue => crate::queue::ping(&self.queue, timeout).await,
+            Dependency::Engine => match &self.engine {
                 Some(e) => crate::queue::ping(e, timeout).await,
                 None => true,
-            }
+            },
+            Dependency::Store => match &self.store {
+                Some(s) => matches!(tokio::time::timeout(timeout, s.ping()).await, Ok(Ok(()))),
+                None => true,
+            },
         };
-        let (queue_ok, engine_ok, store_ok) =
-            tokio::join!(crate::queue::ping(&self.queue, timeout), engine, store);
-        let mut failing = Vec::new();
-        if !queue_ok {
-            failing.push("queue_redis");
+        let i = dependency as usize;
+        let at = self.started.elapsed().as_millis() as u64 + 1;
+        if up {
+            self.answered[i].fetch_max(at, Ordering::Relaxed);
+        } else {
+            self.failed[i].fetch_max(at, Ordering::Relaxed);
         }
-        if !engine_ok {
-            failing.push("engine_redis");
-        }
-        if !store_ok {
-            failing.push(self.store.as_ref().map_or("sqlite", Store::name));
-        }
-        failing
+        self.asked[i].store(true, Ordering::Relaxed);
+    }
+
+    /// Names of the dependencies whose last ping failed, or that have not answered within
+    /// [`READINESS_WINDOW`]. Before the sampler's first pings have finished, asks them now.
+    pub async fn failing(&self) -> Vec<&'static str> {
+        let all = self.dependencies();
+        let unasked: Vec<Dependency> = all
+            .iter()
+            .copied()
+            .filter(|d| !self.asked[*d as usize].load(Ordering::Relaxed))
+            .collect();
+        futures_util::future::join_all(unasked.into_iter().map(|d| self.ping(d))).await;
+        let now = self.started.elapsed().as_millis() as u64 + 1;
+        let window = READINESS_WINDOW.as_millis() as u64;
+        all.into_iter()
+            .filter(|d| {
+                let at = self.answered[*d as usize].load(Ordering::Relaxed);
+                let failed = self.failed[*d as usize].load(Ordering::Relaxed);
+                at == 0 || failed > at || now.saturating_sub(at) > window
+            })
+            .map(|d| self.name(d))
+            .collect()
     }
 }
 
@@ -77,7 +153,7 @@ pub struct ApiState {
     pub wait: Duration,
     pub readiness: Readiness,
     /// Unacknowledged entries, as last sampled by the [`crate::queue::monitor::QueueMonitor`].
-    pub backlog: Arc<AtomicU64>,
+    pub backlog: Arc<crate::queue::monitor::Backlog>,
     pub max_backlog: u64,
     pub shutdown: CancellationToken,
 }
@@ -216,14 +292,14 @@ async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse
     let Some(ingress) = &state.ingress else {
         return Err(ApiError::NotFound);
     };
-    if state.backlog.load(Ordering::Relaxed) > state.max_backlog {
+    if !state.backlog.admits(state.max_backlog) {
         metrics::counter!(telemetry::BACKLOG_REFUSALS).increment(1);
         answer("backlog");
         return Err(ApiError::Backlog);
     }
     if state.wait.is_zero() {
         let request = new_request(identity.user_id, identity.email, String::new());
-        enqueue(ingress, &request, true).await?;
+        enqueue(state, ingress, &request, true).await?;
         answer("queued");
         return Ok(responses::initiated(&request.user_id, &request.request_id));
     }
@@ -242,6 +318,11 @@ async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse
             Some(Heard::Outcome(outcome)) => return outcome_answer(outcome, &request_id),
             // Published by another process, maybe before this request came: queue anew.
             Some(Heard::Requeue) => {}
+            // The entry it joined was never queued: the same answer as its owner got.
+            Some(Heard::NotQueued) => {
+                answer("unavailable");
+                return Err(ApiError::QueueUnavailable);
+            }
             None => {
                 answer("timeout");
                 let shared = EnsureRequest {
@@ -259,11 +340,14 @@ async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse
 
     let request = new_request(identity.user_id, identity.email, state.listener_id.clone());
     let mut waiter = state.waiters.register(&request.request_id, &user_key);
-    enqueue(ingress, &request, false).await?;
+    if let Err(e) = enqueue(state, ingress, &request, false).await {
+        state.waiters.not_queued(&request.request_id);
+        return Err(e);
+    }
     match waiter.until(deadline, &state.shutdown).await {
         Some(Heard::Outcome(outcome)) => outcome_answer(outcome, &request.request_id),
-        // The owner of an entry always hears its outcome; this arm cannot be reached.
-        Some(Heard::Requeue) | None => {
+        // The owner of an entry always hears its outcome; these arms cannot be reached.
+        Some(Heard::Requeue | Heard::NotQueued) | None => {
             answer("timeout");
             // A 202 is a promise the client can follow; make sure its record exists.
             ingress.note_queued(&request).await;
@@ -285,10 +369,12 @@ fn new_request(user_id: String, email: String, reply_to: String) -> EnsureReques
 }
 
 async fn enqueue(
+    state: &ApiState,
     ingress: &Ingress,
     request: &EnsureRequest,
     with_record: bool,
 ) -> Result<(), ApiError> {
+    state.backlog.count_queued();
     ingress.enqueue(request, with_record).await.map(drop).map_err(|e| {
         metrics::counter!(telemetry::ENQUEUE_FAILURES).increment(1);
         answer("unavailable");

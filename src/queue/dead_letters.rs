@@ -47,25 +47,26 @@ impl DeadLetter {
         }
     }
 
-    /// Adds the XADD of this dead letter to a pipeline (the caller acks in the same MULTI).
-    pub fn add_to(&self, pipe: &mut redis::Pipeline, dead_stream: &str) {
-        let cmd = pipe.cmd("XADD").arg(dead_stream).arg("*");
-        for (name, value) in self.entry.fields.iter().flatten() {
-            if !name.starts_with("dead_") {
-                cmd.arg(name).arg(value.as_slice());
-            }
+    /// The dead letter's fields: the original entry's, byte for byte, then why it died.
+    pub fn fields(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut all: Vec<(Vec<u8>, Vec<u8>)> = self
+            .entry
+            .fields
+            .iter()
+            .flatten()
+            .filter(|(name, _)| !name.starts_with("dead_"))
+            .map(|(name, value)| (name.as_bytes().to_vec(), value.clone()))
+            .collect();
+        for (name, value) in [
+            (fields::REASON, self.reason.clone()),
+            (fields::DELIVERIES, self.entry.deliveries.to_string()),
+            (fields::FIRST_FAILED_AT, self.first_failed_at_ms.to_string()),
+            (fields::LAST_FAILED_AT, self.last_failed_at_ms.to_string()),
+            (fields::ORIGINAL_ID, self.entry.id.clone()),
+        ] {
+            all.push((name.as_bytes().to_vec(), value.into_bytes()));
         }
-        cmd.arg(fields::REASON)
-            .arg(&self.reason)
-            .arg(fields::DELIVERIES)
-            .arg(self.entry.deliveries)
-            .arg(fields::FIRST_FAILED_AT)
-            .arg(self.first_failed_at_ms)
-            .arg(fields::LAST_FAILED_AT)
-            .arg(self.last_failed_at_ms)
-            .arg(fields::ORIGINAL_ID)
-            .arg(&self.entry.id)
-            .ignore();
+        all
     }
 }
 

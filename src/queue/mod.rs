@@ -4,10 +4,14 @@
 //! - [`outcome`]: carrying a finished request's result back to the listener that waits;
 //! - [`dead_letters`]: where entries go that can never succeed, and how they come back;
 //! - [`monitor`]: sampling backlog, pending entries, lag and dead letters;
+//! - [`lease`]: keeping the entries a consumer works on, and finishing only those it owns;
+//! - [`layout`]: ingress streams of earlier shard layouts, drained until empty;
 //! - [`status`]: the per-request records behind `GET …/requests/<id>`, and failure history.
 
 pub mod dead_letters;
 pub mod ingress;
+pub mod layout;
+pub mod lease;
 pub mod monitor;
 pub mod outcome;
 pub mod status;
@@ -100,6 +104,8 @@ impl redis::aio::ConnectionLike for RedisConn {
 pub struct QueueTopology {
     pub nodes: Vec<String>,
     pub cluster: bool,
+    /// `ENSURE_STREAM`: the name every layout's streams derive from.
+    pub ensure_stream: String,
     pub shards: Vec<String>,
 }
 
@@ -115,6 +121,7 @@ impl QueueTopology {
         Self {
             nodes,
             cluster,
+            ensure_stream: ensure_stream.to_string(),
             shards,
         }
     }

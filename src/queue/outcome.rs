@@ -48,6 +48,8 @@ pub enum Heard {
     /// The shared entry finished, but its `createUser` may have gone out before this request
     /// arrived: it must queue an entry of its own.
     Requeue,
+    /// The shared entry's XADD failed: nothing was queued.
+    NotQueued,
 }
 
 /// One queued entry of this listener and who waits on it.
@@ -82,7 +84,8 @@ pub struct Waiters {
 
 impl Waiters {
     /// Starts waiting for the entry `request_id` this request is about to queue; call
-    /// before the XADD so no outcome can arrive unseen.
+    /// before the XADD so no outcome can arrive unseen. Requests of the same user may join
+    /// it from now on; should its XADD fail, [`Waiters::not_queued`] tells them so.
     pub fn register(self: &Arc<Self>, request_id: &str, user_key: &str) -> Waiter {
         let (tx, rx) = oneshot::channel();
         let mut table = self.lock();
@@ -99,6 +102,24 @@ impl Waiters {
             .joinable
             .insert(user_key.to_string(), request_id.to_string());
         self.waiter(request_id, id, rx)
+    }
+
+    /// The entry's XADD failed: whoever joined it hears so (and answers 503 like the
+    /// request that queued it), instead of waiting for an entry that does not exist.
+    pub fn not_queued(&self, request_id: &str) {
+        let mut table = self.lock();
+        let Some(pending) = table.by_request.remove(request_id) else {
+            return;
+        };
+        if table.joinable.get(&pending.user_key).map(String::as_str) == Some(request_id) {
+            table.joinable.remove(&pending.user_key);
+        }
+        drop(table);
+        for (_, tx, joined) in pending.waiting {
+            if joined {
+                let _ = tx.send(Heard::NotQueued);
+            }
+        }
     }
 
     /// Joins a queued, not yet published entry of the same user; returns its request id.
@@ -434,6 +455,18 @@ mod tests {
         let stop = CancellationToken::new();
         assert_eq!(owner.until(soon(), &stop).await, Some(Heard::Outcome(done)));
         assert_eq!(joiner.until(soon(), &stop).await, Some(Heard::Requeue));
+    }
+
+    #[tokio::test]
+    async fn joiners_of_an_entry_that_was_never_queued_hear_so() {
+        let waiters = Arc::new(Waiters::default());
+        let _owner = waiters.register("r1", "u");
+        let (_, mut joiner) = waiters.join("u").unwrap();
+        waiters.not_queued("r1");
+        let heard = joiner.until(soon(), &CancellationToken::new()).await;
+        assert_eq!(heard, Some(Heard::NotQueued));
+        assert!(waiters.join("u").is_none(), "nobody joins it any more");
+        assert!(waiters.is_empty());
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@
 //!
 //! The failure history (`<ENSURE_STREAM>:failures`, a hash keyed by entry id) remembers when
 //! an entry first and last failed and why, across deliveries and processes, so a dead
-//! letter can say so. It is written only on failure and cleared on acknowledgement.
+//! letter can say so. It is written only on failure and cleared when the entry is finished.
 
 use super::RedisConn;
 use serde::{Deserialize, Serialize};
@@ -76,21 +76,26 @@ impl StatusKeys {
         record: &RequestRecord,
         only_if_new: bool,
     ) {
-        let json = serde_json::to_string(&Stored {
-            record,
-            owner: &record.owner,
-        })
-        .unwrap_or_default();
         let cmd = pipe
             .cmd("SET")
             .arg(Self::record_key(stream, &record.request_id))
-            .arg(json)
+            .arg(Self::record_json(record))
             .arg("EX")
             .arg(self.ttl_secs);
         if only_if_new {
             cmd.arg("NX");
         }
         cmd.ignore();
+    }
+
+    /// The stored form of a record: its JSON, owner included.
+    pub fn record_json(record: &RequestRecord) -> String {
+        // A record of strings always serialises.
+        serde_json::to_string(&Stored {
+            record,
+            owner: &record.owner,
+        })
+        .unwrap_or_default()
     }
 
     /// Adds "these entries failed at `step`" to a pipeline: the first failure time is kept,
@@ -114,26 +119,6 @@ impl StatusKeys {
             .arg(&key)
             .arg(format!("{entry_id}:last"))
             .arg(format!("{now} {step}: {error}"))
-            .ignore();
-    }
-
-    /// Adds the removal of entries' failure history to a pipeline.
-    pub fn add_forget_failures(
-        &self,
-        pipe: &mut redis::Pipeline,
-        stream: &str,
-        entry_ids: &[&str],
-    ) {
-        if entry_ids.is_empty() {
-            return;
-        }
-        let fields: Vec<String> = entry_ids
-            .iter()
-            .flat_map(|id| [format!("{id}:first"), format!("{id}:last")])
-            .collect();
-        pipe.cmd("HDEL")
-            .arg(Self::failures_key(stream))
-            .arg(fields)
             .ignore();
     }
 

@@ -1,14 +1,23 @@
-//! One batch of ingress entries, carried out: store → Engine → acknowledge → outcomes.
+//! One batch of ingress entries, carried out: store → Engine → finish → outcomes.
 //!
-//! Ack last: a crash anywhere before the acknowledgement leaves the entries pending, to be
-//! read again; storing (an upsert) and publishing (`createUser` finds by id or email) are
-//! both idempotent, so doing them twice is harmless. Outcomes go out only after the ack, so
+//! Finish last: a crash anywhere before it leaves the entries pending, to be read again;
+//! storing (an upsert) and publishing (`createUser` finds by id or email) are both
+//! idempotent, so doing them twice is harmless. Outcomes go out only after the finish, so
 //! a client never hears "done" about work that could still be replayed and fail.
+//!
+//! While a batch runs, its consumer keeps its claim on the entries ([`Lease`]), so a long
+//! outage (the Engine's Redis down for minutes) never hands them to a second consumer:
+//! without a process dying, each entry is published exactly once. An entry another
+//! consumer did take over (this one stalled past `CLAIM_IDLE_MS`) is left to that consumer:
+//! not published again from here, and finished (status, outcome, dead letter) only by it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backoff::backoff::Backoff as _;
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
+use futures_util::FutureExt as _;
 use tokio_util::sync::CancellationToken;
 
 use super::retry::{JobError, RetryPolicy, StepError};
@@ -16,17 +25,23 @@ use crate::engine::confirm::Confirmations;
 use crate::engine::{EngineCommand, EnginePublisher};
 use crate::queue::dead_letters::{now_millis, DeadLetter};
 use crate::queue::ingress::EnsureRequest;
+use crate::queue::lease::{self, Ending, Lease};
 use crate::queue::outcome::{Delivery, Outcome, OutcomeBus};
 use crate::queue::status::{RequestRecord, RequestState, StatusKeys};
-use crate::queue::{dead_stream, RawEntry, RedisConn};
+use crate::queue::{RawEntry, RedisConn};
 use crate::store::{NewUser, Resolution, Store};
 use crate::telemetry;
 
-/// `ENGINE_CONFIRM=ack`: where replies arrive and how long to wait for one.
+/// `ENGINE_CONFIRM=ack`: where replies arrive, how long to wait for one, how often to
+/// publish a command before giving up on it.
 pub struct EngineConfirmation {
     pub confirmations: Arc<Confirmations>,
     pub timeout: Duration,
+    pub max_attempts: u32,
 }
+
+/// The dead-letter reason of a command the Engine never confirmed.
+pub const ENGINE_UNCONFIRMED: &str = "engine_unconfirmed";
 
 /// Everything a worker needs, shared by all consumers of a process.
 pub struct WorkerContext {
@@ -41,10 +56,13 @@ pub struct WorkerContext {
     pub group: String,
     pub retry: RetryPolicy,
     pub max_deliveries: u64,
+    /// Entries idle this long may be re-claimed; a batch refreshes its claim well inside it.
+    pub claim_idle: Duration,
     pub shutdown: CancellationToken,
 }
 
-/// What became of a batch.
+/// What became of a batch: entries finished here as done or dead (entries another consumer
+/// took over count in neither).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchReport {
     pub done: usize,
@@ -57,6 +75,9 @@ struct Decoded {
     request: EnsureRequest,
 }
 
+/// A request stored, with the canonical id its `createUser` carries.
+type Stored = (Decoded, String);
+
 /// An entry that will never succeed, with the request when it had one.
 struct Dead {
     letter: DeadLetter,
@@ -64,21 +85,48 @@ struct Dead {
 }
 
 impl WorkerContext {
-    /// Carries out one batch of entries read from the group, and acknowledges them.
+    /// Carries out one batch `consumer` read from `stream`, keeping its claim on the entries
+    /// meanwhile (every quarter of `CLAIM_IDLE_MS`).
+    pub async fn process_batch(
+        self: &Arc<Self>,
+        stream: &str,
+        consumer: &str,
+        entries: Vec<RawEntry>,
+    ) -> Result<BatchReport, JobError> {
+        let ids = entries.iter().map(|e| e.id.clone()).collect();
+        let lease = Lease::new(stream, &self.group, consumer, ids);
+        let keep = async {
+            let every = self.claim_idle / 4;
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = lease.refresh(&self.queue).await {
+                    // The queue's Redis is down: nobody can re-claim meanwhile either.
+                    tracing::debug!(error = %e, "cannot refresh the claim on a batch");
+                }
+            }
+        };
+        tokio::select! {
+            report = self.try_process_batch(&lease, entries) => report,
+            _ = keep => unreachable!("keeping a lease never ends"),
+        }
+    }
+
+    /// Carries out one batch of entries read from the group, and finishes them.
     ///
     /// Returns `Err` only when shutdown interrupted a retry; the batch's entries are then
     /// left pending, unacknowledged, for the next reader.
     pub async fn try_process_batch(
         self: &Arc<Self>,
-        stream: &str,
+        lease: &Lease,
         entries: Vec<RawEntry>,
     ) -> Result<BatchReport, JobError> {
         let started = Instant::now();
+        let stream = lease.stream.as_str();
         let (good, mut dead) = self.triage(stream, entries).await;
 
         // 1. Store.
-        let mut stored: Vec<(Decoded, String)> = Vec::with_capacity(good.len());
-        match self.store_step(stream, &good).await? {
+        let mut stored: Vec<Stored> = Vec::with_capacity(good.len());
+        match self.store_step(lease, &good).await? {
             Ok(resolutions) => {
                 for (d, resolution) in good.into_iter().zip(resolutions) {
                     match resolution {
@@ -92,63 +140,28 @@ impl WorkerContext {
             }
         }
 
-        // 2. Tell the Engine, with the canonical id.
-        let commands: Vec<EngineCommand> = stored
-            .iter()
-            .map(|(d, canonical)| {
-                EngineCommand::create_user(
-                    canonical.clone(),
-                    d.request.email.clone(),
-                    d.request.request_id.clone(),
-                )
-            })
-            .collect();
-        let in_flight: Vec<&Decoded> = stored.iter().map(|(d, _)| d).collect();
         // From here on nobody may join these entries: their createUser is going out.
         self.outcomes.mark_publishing(
-            in_flight
+            stored
                 .iter()
-                .map(|d| (d.request.reply_to.as_str(), d.request.request_id.as_str())),
+                .map(|(d, _)| (d.request.reply_to.as_str(), d.request.request_id.as_str())),
         );
-        self.engine_step(stream, commands, &in_flight).await?;
 
-        // 3. Acknowledge, delete, write dead letters and status records: one MULTI.
-        self.ack_step(stream, &stored, &dead).await?;
-
-        // 4. Only now tell whoever waits.
-        let now = now_millis();
-        let mut deliveries = Vec::with_capacity(stored.len() + dead.len());
-        for (d, canonical) in &stored {
-            tracing::debug!(request_id = %d.request.request_id, user_id = %d.request.user_id, canonical_id = %canonical, "ensured");
-            metrics::histogram!(telemetry::ENQUEUE_TO_DONE_SECONDS)
-                .record(now.saturating_sub(d.request.enqueued_at_ms) as f64 / 1000.0);
-            deliveries.push(Delivery {
-                reply_to: d.request.reply_to.clone(),
-                request_id: d.request.request_id.clone(),
-                outcome: Outcome::Done {
-                    user_id: canonical.clone(),
-                },
-            });
-        }
-        for Dead { letter, request } in &dead {
-            metrics::counter!(telemetry::JOBS_DEAD_LETTERED, "reason" => reason_kind(&letter.reason)).increment(1);
-            if let Some(request) = request {
-                deliveries.push(Delivery {
-                    reply_to: request.reply_to.clone(),
-                    request_id: request.request_id.clone(),
-                    outcome: Outcome::Dead {
-                        reason: letter.reason.clone(),
-                    },
-                });
+        // 2. Tell the Engine, with the canonical id; 3. finish; 4. tell whoever waits.
+        let report = match &self.confirm {
+            None => {
+                self.publish(lease, &stored).await?;
+                self.finish(lease, stored, dead).await?
             }
-        }
-        self.outcomes.deliver(deliveries).await;
-
-        let report = BatchReport {
-            done: stored.len(),
-            dead: dead.len(),
+            Some(confirm) => {
+                // Dead entries need no Engine: finish them now rather than after the rest.
+                let mut report = self.finish(lease, Vec::new(), dead).await?;
+                let confirmed = self.confirm_step(confirm, lease, stored).await?;
+                report.done += confirmed.done;
+                report.dead += confirmed.dead;
+                report
+            }
         };
-        metrics::counter!(telemetry::JOBS_COMPLETED).increment(report.done as u64);
         metrics::histogram!(telemetry::BATCH_SIZE).record((report.done + report.dead) as f64);
         tracing::debug!(
             done = report.done,
@@ -156,6 +169,104 @@ impl WorkerContext {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "batch finished"
         );
+        Ok(report)
+    }
+
+    /// Finishes entries this consumer still owns, in one script: dead letters, status
+    /// records, acknowledgement. Then tells whoever waits, for the entries it finished.
+    async fn finish(
+        &self,
+        lease: &Lease,
+        done: Vec<Stored>,
+        dead: Vec<Dead>,
+    ) -> Result<BatchReport, JobError> {
+        if done.is_empty() && dead.is_empty() {
+            return Ok(BatchReport::default());
+        }
+        let stream = lease.stream.as_str();
+        let record = |request: &EnsureRequest, state, user_id: Option<&str>, reason: Option<&str>| {
+            let record = RequestRecord {
+                request_id: request.request_id.clone(),
+                state,
+                user_id: user_id.map(str::to_string),
+                reason: reason.map(str::to_string),
+                last_error: None,
+                owner: request.user_id.clone(),
+            };
+            Some((
+                StatusKeys::record_key(stream, &request.request_id),
+                StatusKeys::record_json(&record),
+            ))
+        };
+        let mut endings = Vec::with_capacity(done.len() + dead.len());
+        for (d, canonical) in &done {
+            endings.push(Ending {
+                entry_id: &d.entry.id,
+                record: record(&d.request, RequestState::Done, Some(canonical), None),
+                dead_letter: Vec::new(),
+            });
+        }
+        for Dead { letter, request } in &dead {
+            endings.push(Ending {
+                entry_id: &letter.entry.id,
+                record: request
+                    .as_ref()
+                    .and_then(|r| record(r, RequestState::Dead, None, Some(&letter.reason))),
+                dead_letter: letter.fields(),
+            });
+        }
+        let endings = &endings;
+        let finished: HashSet<String> = self
+            .retry
+            .run("ack", &self.shutdown, || async move {
+                lease::finish(&self.queue, lease, self.status.ttl_secs, endings)
+                    .await
+                    .map_err(|e| StepError::Retryable(e.to_string()))
+            })
+            .await?;
+        // Not finished: another consumer owns them now, and will say how they ended.
+        lease.mark_lost(
+            endings
+                .iter()
+                .map(|e| e.entry_id)
+                .filter(|id| !finished.contains(*id)),
+        );
+
+        let now = now_millis();
+        let mut report = BatchReport::default();
+        let mut deliveries = Vec::with_capacity(finished.len());
+        for (d, canonical) in done {
+            if !finished.contains(&d.entry.id) {
+                continue;
+            }
+            report.done += 1;
+            tracing::debug!(request_id = %d.request.request_id, user_id = %d.request.user_id, canonical_id = %canonical, "ensured");
+            metrics::histogram!(telemetry::ENQUEUE_TO_DONE_SECONDS)
+                .record(now.saturating_sub(d.request.enqueued_at_ms) as f64 / 1000.0);
+            deliveries.push(Delivery {
+                reply_to: d.request.reply_to,
+                request_id: d.request.request_id,
+                outcome: Outcome::Done { user_id: canonical },
+            });
+        }
+        for Dead { letter, request } in dead {
+            if !finished.contains(&letter.entry.id) {
+                continue;
+            }
+            report.dead += 1;
+            metrics::counter!(telemetry::JOBS_DEAD_LETTERED, "reason" => reason_kind(&letter.reason)).increment(1);
+            if let Some(request) = request {
+                deliveries.push(Delivery {
+                    reply_to: request.reply_to,
+                    request_id: request.request_id,
+                    outcome: Outcome::Dead {
+                        reason: letter.reason,
+                    },
+                });
+            }
+        }
+        metrics::counter!(telemetry::JOBS_COMPLETED).increment(report.done as u64);
+        self.outcomes.deliver(deliveries).await;
         Ok(report)
     }
 
@@ -215,7 +326,7 @@ impl WorkerContext {
     /// Upserts the batch; `Ok(Err(reason))` when the store refuses it for good.
     async fn store_step(
         &self,
-        stream: &str,
+        lease: &Lease,
         good: &[Decoded],
     ) -> Result<Result<Vec<Resolution>, String>, JobError> {
         if good.is_empty() {
@@ -238,7 +349,7 @@ impl WorkerContext {
                         Ok(r)
                     }
                     Err(e) if e.is_retryable() => {
-                        self.note_failure(stream, "store", &in_flight, &e.to_string())
+                        self.note_failure(lease, "store", &in_flight, &e.to_string())
                             .await;
                         Err(StepError::Retryable(e.to_string()))
                     }
@@ -253,73 +364,35 @@ impl WorkerContext {
         }
     }
 
-    /// Publishes the commands; in acknowledgement mode, until the Engine confirmed each.
-    async fn engine_step(
-        &self,
-        stream: &str,
-        commands: Vec<EngineCommand>,
-        in_flight: &[&Decoded],
-    ) -> Result<(), JobError> {
-        let Some(confirm) = &self.confirm else {
-            return self.publish(stream, &commands, in_flight).await;
-        };
-        let mut pending = commands;
-        let mut backoff = self.retry.backoff();
-        while !pending.is_empty() {
-            let replies: Vec<_> = pending
-                .iter()
-                .map(|c| confirm.confirmations.expect(&c.request_id))
-                .collect();
-            self.publish(stream, &pending, in_flight).await?;
-            let deadline = tokio::time::Instant::now() + confirm.timeout;
-            let mut missing = Vec::new();
-            for (command, reply) in pending.into_iter().zip(replies) {
-                let confirmed = tokio::select! {
-                    r = tokio::time::timeout_at(deadline, reply) => matches!(r, Ok(Ok(()))),
-                    _ = self.shutdown.cancelled() => false,
-                };
-                if !confirmed {
-                    confirm.confirmations.forget(&command.request_id);
-                    missing.push(command);
-                }
-            }
-            if self.shutdown.is_cancelled() {
-                return Err(JobError::Abandoned {
-                    step: "engine confirmation",
-                });
-            }
-            if missing.is_empty() {
-                break;
-            }
-            metrics::counter!(telemetry::ENGINE_REPUBLISHED).increment(missing.len() as u64);
-            let wait = backoff.next_backoff().unwrap_or(self.retry.max);
-            tracing::warn!(
-                count = missing.len(),
-                retry_in_ms = wait.as_millis() as u64,
-                "no Engine reply in time; republishing"
-            );
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return Err(JobError::Abandoned { step: "engine confirmation" }),
-                _ = tokio::time::sleep(wait) => {}
-            }
-            pending = missing;
+    /// Publishes the `createUser` of every stored request this consumer still owns.
+    async fn publish(&self, lease: &Lease, stored: &[Stored]) -> Result<(), JobError> {
+        if stored.is_empty() {
+            return Ok(());
         }
-        Ok(())
-    }
-
-    async fn publish(
-        &self,
-        stream: &str,
-        commands: &[EngineCommand],
-        in_flight: &[&Decoded],
-    ) -> Result<(), JobError> {
+        let commands: Vec<EngineCommand> = stored
+            .iter()
+            .map(|(d, canonical)| {
+                EngineCommand::create_user(
+                    canonical.clone(),
+                    d.request.email.clone(),
+                    d.request.request_id.clone(),
+                )
+            })
+            .collect();
         self.retry
             .run("engine", &self.shutdown, || async {
+                // An entry another consumer took over is published by that consumer.
+                let (live, in_flight): (Vec<&EngineCommand>, Vec<&Decoded>) = stored
+                    .iter()
+                    .zip(&commands)
+                    .filter(|((d, _), _)| !lease.is_lost(&d.entry.id))
+                    .map(|((d, _), c)| (c, d))
+                    .unzip();
                 let t = Instant::now();
-                let result = self.engine.publish(commands).await;
+                let result = self.engine.publish(&live).await;
                 if let Err(e) = result {
                     metrics::counter!(telemetry::ENGINE_PUBLISH_FAILURES).increment(1);
-                    self.note_failure(stream, "engine", in_flight, &e.to_string())
+                    self.note_failure(lease, "engine", &in_flight, &e.to_string())
                         .await;
                     return Err(StepError::Retryable(e.to_string()));
                 }
@@ -330,84 +403,114 @@ impl WorkerContext {
             .await
     }
 
-    async fn ack_step(
+    /// Acknowledgement mode: publishes the commands and finishes each one as soon as the
+    /// Engine confirms it, so a confirmed command never waits for an unconfirmed one.
+    /// Commands still unconfirmed after the timeout are republished with backoff, at most
+    /// `ENGINE_CONFIRM_MAX_ATTEMPTS` publications in all, then dead-lettered.
+    async fn confirm_step(
         &self,
-        stream: &str,
-        stored: &[(Decoded, String)],
-        dead: &[Dead],
-    ) -> Result<(), JobError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let ids: Vec<&str> = stored
-            .iter()
-            .map(|(d, _)| d.entry.id.as_str())
-            .chain(dead.iter().map(|d| d.letter.entry.id.as_str()))
-            .collect();
-        if ids.is_empty() {
-            return Ok(());
-        }
-        for Dead { letter, request } in dead {
-            letter.add_to(&mut pipe, &dead_stream(stream));
-            if let Some(request) = request {
-                self.status.add_record(
-                    &mut pipe,
-                    stream,
-                    &RequestRecord {
-                        request_id: request.request_id.clone(),
-                        state: RequestState::Dead,
-                        user_id: None,
-                        reason: Some(letter.reason.clone()),
-                        last_error: None,
-                        owner: request.user_id.clone(),
-                    },
-                    false,
-                );
+        confirm: &EngineConfirmation,
+        lease: &Lease,
+        stored: Vec<Stored>,
+    ) -> Result<BatchReport, JobError> {
+        let mut report = BatchReport::default();
+        let mut pending = stored;
+        let mut backoff = self.retry.backoff();
+        let mut attempts = 0u32;
+        loop {
+            pending.retain(|(d, _)| !lease.is_lost(&d.entry.id));
+            if pending.is_empty() {
+                return Ok(report);
             }
-        }
-        for (d, canonical) in stored {
-            self.status.add_record(
-                &mut pipe,
-                stream,
-                &RequestRecord {
-                    request_id: d.request.request_id.clone(),
-                    state: RequestState::Done,
-                    user_id: Some(canonical.clone()),
-                    reason: None,
-                    last_error: None,
-                    owner: d.request.user_id.clone(),
-                },
-                false,
+            attempts += 1;
+            let mut replies: FuturesUnordered<_> = pending
+                .iter()
+                .enumerate()
+                .map(|(i, (d, canonical))| {
+                    confirm
+                        .confirmations
+                        .expect(&d.request.request_id, canonical)
+                        .map(move |r| (i, r.is_ok()))
+                })
+                .collect();
+            let forget_all = |pending: &[Stored]| {
+                for (d, _) in pending {
+                    confirm.confirmations.forget(&d.request.request_id);
+                }
+            };
+            if let Err(e) = self.publish(lease, &pending).await {
+                forget_all(&pending);
+                return Err(e);
+            }
+            let deadline = tokio::time::Instant::now() + confirm.timeout;
+            let mut slots: Vec<Option<Stored>> = pending.into_iter().map(Some).collect();
+            loop {
+                let first = tokio::select! {
+                    next = replies.next() => match next {
+                        Some(reply) => reply,
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = self.shutdown.cancelled() => {
+                        forget_all(&slots.into_iter().flatten().collect::<Vec<_>>());
+                        return Err(JobError::Abandoned { step: "engine confirmation" });
+                    }
+                };
+                // Everything confirmed by now goes in one finish.
+                let mut confirmed = Vec::new();
+                let mut next = Some(first);
+                while let Some((i, ok)) = next {
+                    if ok {
+                        confirmed.extend(slots[i].take());
+                    }
+                    next = replies.next().now_or_never().flatten();
+                }
+                let finished = self.finish(lease, confirmed, Vec::new()).await?;
+                report.done += finished.done;
+            }
+            let missing: Vec<Stored> = slots.into_iter().flatten().collect();
+            forget_all(&missing);
+            if missing.is_empty() {
+                return Ok(report);
+            }
+            if attempts >= confirm.max_attempts {
+                let reason = format!(
+                    "{ENGINE_UNCONFIRMED}: no reply from the Engine to {attempts} publication(s)"
+                );
+                let dead = missing
+                    .into_iter()
+                    .map(|(d, _)| self.dead(d, reason.clone(), None))
+                    .collect();
+                report.dead += self.finish(lease, Vec::new(), dead).await?.dead;
+                return Ok(report);
+            }
+            metrics::counter!(telemetry::ENGINE_REPUBLISHED).increment(missing.len() as u64);
+            metrics::counter!(telemetry::JOB_RETRIES, "step" => ENGINE_UNCONFIRMED).increment(1);
+            let in_flight: Vec<&Decoded> = missing.iter().map(|(d, _)| d).collect();
+            self.note_failure(lease, ENGINE_UNCONFIRMED, &in_flight, "no reply in time")
+                .await;
+            let wait = backoff.next_backoff().unwrap_or(self.retry.max);
+            tracing::warn!(
+                count = missing.len(),
+                attempts,
+                retry_in_ms = wait.as_millis() as u64,
+                "no Engine reply in time; republishing"
             );
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Err(JobError::Abandoned { step: "engine confirmation" }),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            pending = missing;
         }
-        self.status.add_forget_failures(&mut pipe, stream, &ids);
-        pipe.cmd("XACK")
-            .arg(stream)
-            .arg(&self.group)
-            .arg(&ids)
-            .ignore();
-        pipe.cmd("XDEL").arg(stream).arg(&ids).ignore();
-        let pipe = &pipe;
-        self.retry
-            .run("ack", &self.shutdown, || async move {
-                let mut conn = self.queue.clone();
-                pipe.query_async::<()>(&mut conn)
-                    .await
-                    .map_err(|e| StepError::Retryable(e.to_string()))
-            })
-            .await
     }
 
     /// Remembers a failed attempt: in the failure history (for dead letters) and in the
     /// requests' status records (`retrying`). Best effort: the queue may be what failed.
-    async fn note_failure(
-        &self,
-        stream: &str,
-        step: &'static str,
-        in_flight: &[&Decoded],
-        error: &str,
-    ) {
+    /// Entries another consumer took over are theirs to describe.
+    async fn note_failure(&self, lease: &Lease, step: &str, in_flight: &[&Decoded], error: &str) {
+        let stream = lease.stream.as_str();
         let mut pipe = redis::pipe();
-        for d in in_flight {
+        for d in in_flight.iter().filter(|d| !lease.is_lost(&d.entry.id)) {
             self.status
                 .add_failure(&mut pipe, stream, &d.entry.id, step, error);
             self.status.add_record(
@@ -434,6 +537,8 @@ impl WorkerContext {
 fn reason_kind(reason: &str) -> &'static str {
     if reason.starts_with("undecodable") {
         "undecodable"
+    } else if reason.starts_with(ENGINE_UNCONFIRMED) {
+        ENGINE_UNCONFIRMED
     } else if reason.starts_with("gave up") {
         "max_deliveries"
     } else {

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use backoff::backoff::Backoff as _;
 use backoff::ExponentialBackoff;
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +51,10 @@ impl RetryPolicy {
     }
 
     /// Runs `op` until it succeeds, fails permanently, or shutdown begins.
+    ///
+    /// Shutdown never cuts an attempt short: one that is under way (a commit waiting for a
+    /// lock, an XADD on its way) may be about to succeed, and finishing it within the grace
+    /// period spares a replay. Shutdown only stops the waiting between attempts.
     pub async fn run<T, F, Fut>(
         &self,
         step: &'static str,
@@ -60,24 +65,23 @@ impl RetryPolicy {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StepError>>,
     {
-        let attempt = || {
-            let fut = op();
-            async move {
-                fut.await.map_err(|e| match e {
-                    StepError::Retryable(m) => backoff::Error::transient(m),
-                    StepError::Permanent(m) => backoff::Error::permanent(m),
-                })
+        let mut backoff = self.backoff();
+        loop {
+            let error = match op().await {
+                Ok(value) => return Ok(value),
+                Err(StepError::Permanent(reason)) => return Err(JobError::Permanent { step, reason }),
+                Err(StepError::Retryable(error)) => error,
+            };
+            if shutdown.is_cancelled() {
+                return Err(JobError::Abandoned { step });
             }
-        };
-        let notify = |error: String, wait: Duration| {
+            let wait = backoff.next_backoff().unwrap_or(self.max);
             metrics::counter!(crate::telemetry::JOB_RETRIES, "step" => step).increment(1);
             tracing::warn!(step, %error, retry_in_ms = wait.as_millis() as u64, "step failed; retrying");
-        };
-        tokio::select! {
-            result = backoff::future::retry_notify(self.backoff(), attempt, notify) => {
-                result.map_err(|reason| JobError::Permanent { step, reason })
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return Err(JobError::Abandoned { step }),
             }
-            _ = shutdown.cancelled() => Err(JobError::Abandoned { step }),
         }
     }
 }
@@ -123,6 +127,22 @@ mod tests {
         assert!(
             matches!(result, Err(JobError::Permanent { step: "test", reason }) if reason == "never")
         );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_the_attempt_under_way_finish() {
+        let shutdown = CancellationToken::new();
+        let calls = AtomicU32::new(0);
+        let result = policy()
+            .run("test", &shutdown, || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                // Shutdown begins while this attempt is under way; it still succeeds.
+                shutdown.cancel();
+                Ok::<_, StepError>(7)
+            })
+            .await;
+        assert_eq!(result.unwrap(), 7);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 

@@ -4,6 +4,10 @@
 //! for as long as it blocks. Consumer names are unique per process, so a restarted process
 //! never mistakes its predecessor's pending entries for its own; those are re-claimed once
 //! they have been idle for `CLAIM_IDLE_MS`.
+//!
+//! One more consumer per process drains the ingress streams of earlier shard layouts
+//! ([`crate::queue::layout`]) while any hold entries, so changing `ENSURE_SHARDS` never
+//! orphans an accepted request.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -16,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use super::job::WorkerContext;
-use crate::queue::{self, ingress, QueueTopology, RawEntry, RedisConn};
+use crate::queue::{self, ingress, layout, QueueTopology, RawEntry, RedisConn};
 use crate::telemetry;
 
 /// Settings of the consumers of one process.
@@ -74,9 +78,18 @@ impl WorkerPool {
                 name: format!("{}-{i}", self.name_prefix),
                 shards: mine.into_iter().map(ShardState::new).collect(),
                 settings: self.settings.clone(),
+                earlier: None,
             };
             tracker.spawn(consumer.run());
         }
+        let drainer = Consumer {
+            ctx: Arc::clone(&self.ctx),
+            name: format!("{}-earlier", self.name_prefix),
+            shards: Vec::new(),
+            settings: self.settings.clone(),
+            earlier: Some(Instant::now()),
+        };
+        tracker.spawn(drainer.run());
     }
 }
 
@@ -97,11 +110,16 @@ impl ShardState {
     }
 }
 
+/// How often the drainer looks for streams of earlier layouts that hold entries.
+const EARLIER_LAYOUTS_EVERY: Duration = Duration::from_secs(5);
+
 struct Consumer {
     ctx: Arc<WorkerContext>,
     name: String,
     shards: Vec<ShardState>,
     settings: PoolSettings,
+    /// `Some(next look)` for the drainer of earlier layouts, whose shards change.
+    earlier: Option<Instant>,
 }
 
 impl Consumer {
@@ -109,11 +127,18 @@ impl Consumer {
         let shutdown = self.ctx.shutdown.clone();
         let mut read_backoff = self.ctx.retry.backoff();
         let mut conn: Option<RedisConn> = None;
-        // Reading several shards, each read blocks for its share of WORKER_BLOCK_MS.
-        let block = (self.settings.block / self.shards.len() as u32).max(Duration::from_millis(1));
         let mut turn = 0usize;
         tracing::info!(consumer = %self.name, shards = self.shards.len(), "worker started");
         while !shutdown.is_cancelled() {
+            if !self.find_earlier_layouts().await {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(EARLIER_LAYOUTS_EVERY) => continue,
+                }
+            }
+            // Reading several shards, each read blocks for its share of WORKER_BLOCK_MS.
+            let block =
+                (self.settings.block / self.shards.len() as u32).max(Duration::from_millis(1));
             turn = (turn + 1) % self.shards.len();
             let result = async {
                 if conn.is_none() {
@@ -157,6 +182,42 @@ impl Consumer {
         tracing::info!(consumer = %self.name, "worker stopped");
     }
 
+    /// For the drainer: refreshes the streams of earlier layouts that hold entries, now and
+    /// then. False when there is nothing to read (now).
+    async fn find_earlier_layouts(&mut self) -> bool {
+        let Some(next) = self.earlier else {
+            return true;
+        };
+        if Instant::now() >= next {
+            self.earlier = Some(Instant::now() + EARLIER_LAYOUTS_EVERY);
+            let topology = &self.settings.topology;
+            let ensure_stream = topology.ensure_stream.as_str();
+            match layout::earlier_streams(&self.ctx.queue, ensure_stream, &topology.shards).await
+            {
+                Ok(found) => {
+                    let keep: Vec<String> = found
+                        .into_iter()
+                        .filter(|s| s.entries > 0)
+                        .map(|s| s.stream)
+                        .collect();
+                    if !keep.is_empty() {
+                        tracing::info!(consumer = %self.name, streams = ?keep, "draining ingress streams of an earlier shard layout");
+                    }
+                    self.shards.retain(|s| keep.contains(&s.stream));
+                    for stream in keep {
+                        if !self.shards.iter().any(|s| s.stream == stream) {
+                            self.shards.push(ShardState::new(stream));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot look for earlier shard layouts");
+                }
+            }
+        }
+        !self.shards.is_empty()
+    }
+
     /// One read of one shard: re-claimed idle entries first (they have waited longest),
     /// else new ones.
     async fn step(
@@ -168,6 +229,10 @@ impl Consumer {
         let shard = &mut self.shards[turn];
         if !shard.group_ready {
             ingress::ensure_group(conn, &shard.stream, &self.ctx.group).await?;
+            if self.earlier.is_none() {
+                let ensure_stream = &self.settings.topology.ensure_stream;
+                layout::register(conn, ensure_stream, std::slice::from_ref(&shard.stream)).await?;
+            }
             shard.group_ready = true;
         }
         if shard
@@ -210,7 +275,7 @@ impl Consumer {
         // A panic in a batch is a bug, not a reason to lose the consumer: count it and move
         // on; the entries stay pending and are re-claimed later.
         let span = tracing::info_span!("batch", consumer = %self.name, stream, entries = count);
-        let result = AssertUnwindSafe(self.ctx.try_process_batch(stream, entries))
+        let result = AssertUnwindSafe(self.ctx.process_batch(stream, &self.name, entries))
             .catch_unwind()
             .instrument(span)
             .await;

@@ -130,6 +130,7 @@ async fn ack_mode_republishes_when_the_engine_reply_is_lost() {
             reply_stream: "stream:exnessReceive".into(),
             drop_replies: 1,
             from_start: true,
+            without_ids: false,
         },
         stop_stub.clone(),
     ));
