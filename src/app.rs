@@ -192,6 +192,11 @@ impl Application {
             .expect("a bound listener has an address")
     }
 
+    /// The requests waiting for their outcome in this process's listener.
+    pub fn waiters(&self) -> Arc<outcome::Waiters> {
+        Arc::clone(&self.api.waiters)
+    }
+
     /// The worker step, for tests that drive batches by hand.
     pub fn worker(&self) -> Option<Arc<WorkerContext>> {
         self.worker.clone()
@@ -297,8 +302,8 @@ async fn watch_dependencies(api: Arc<ApiState>, shutdown: CancellationToken) {
             tokio::spawn(async move { api.readiness.ping(dependency).await });
         }
         // The gauges every second are plenty for a scrape.
-        if round % 4 == 0 {
-            let failing = api.readiness.failing().await;
+        if round % 4 == 3 {
+            let failing = api.readiness.failing_as_sampled();
             for &dependency in &dependencies {
                 let name = api.readiness.name(dependency);
                 let up = if failing.contains(&name) { 0.0 } else { 1.0 };

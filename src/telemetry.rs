@@ -167,7 +167,12 @@ fn zero_known_series() {
     for step in ["store", "engine", "engine_unconfirmed", "ack"] {
         metrics::counter!(JOB_RETRIES, "step" => step).absolute(0);
     }
-    for reason in ["undecodable", "max_deliveries", "refused", "engine_unconfirmed"] {
+    for reason in [
+        "undecodable",
+        "max_deliveries",
+        "refused",
+        "engine_unconfirmed",
+    ] {
         metrics::counter!(JOBS_DEAD_LETTERED, "reason" => reason).absolute(0);
     }
     for name in [

@@ -246,12 +246,21 @@ mod tests {
         let mut a = c.expect("r1", "u1");
         let mut b = c.expect("r2", "u2");
         let mut b2 = c.expect("r3", "u2");
-        assert_eq!(c.confirm(&reply("user Already Exist", Some("r1"))), Correlation::ById);
+        assert_eq!(
+            c.confirm(&reply("user Already Exist", Some("r1"))),
+            Correlation::ById
+        );
         assert!(a.try_recv().is_ok());
-        assert_eq!(c.confirm(&reply("x", Some("other-process"))), Correlation::Elsewhere);
+        assert_eq!(
+            c.confirm(&reply("x", Some("other-process"))),
+            Correlation::Elsewhere
+        );
         // Two commands of u2 wait: a bare "u2" cannot say which.
         assert_eq!(c.confirm(&reply("u2", None)), Correlation::Uncorrelated);
-        assert_eq!(c.confirm(&reply("user Already Exist", None)), Correlation::Uncorrelated);
+        assert_eq!(
+            c.confirm(&reply("user Already Exist", None)),
+            Correlation::Uncorrelated
+        );
         c.forget("r3");
         assert_eq!(c.confirm(&reply("u2", None)), Correlation::ByUserId);
         assert!(b.try_recv().is_ok());

@@ -123,16 +123,22 @@ impl Readiness {
     /// Names of the dependencies whose last ping failed, or that have not answered within
     /// [`READINESS_WINDOW`]. Before the sampler's first pings have finished, asks them now.
     pub async fn failing(&self) -> Vec<&'static str> {
-        let all = self.dependencies();
-        let unasked: Vec<Dependency> = all
-            .iter()
-            .copied()
+        let unasked: Vec<Dependency> = self
+            .dependencies()
+            .into_iter()
             .filter(|d| !self.asked[*d as usize].load(Ordering::Relaxed))
             .collect();
         futures_util::future::join_all(unasked.into_iter().map(|d| self.ping(d))).await;
+        self.failing_as_sampled()
+    }
+
+    /// [`Readiness::failing`] from the samples alone, never waiting (a dependency not asked
+    /// yet counts as failing).
+    pub fn failing_as_sampled(&self) -> Vec<&'static str> {
         let now = self.started.elapsed().as_millis() as u64 + 1;
         let window = READINESS_WINDOW.as_millis() as u64;
-        all.into_iter()
+        self.dependencies()
+            .into_iter()
             .filter(|d| {
                 let at = self.answered[*d as usize].load(Ordering::Relaxed);
                 let failed = self.failed[*d as usize].load(Ordering::Relaxed);

@@ -75,7 +75,8 @@ impl QueueMonitor {
             // Streams of an earlier layout count until drained; looked for every 5 s.
             if looked.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
                 looked = Some(std::time::Instant::now());
-                let found = super::layout::earlier_streams(&self.conn, &self.ensure_stream, &self.shards);
+                let found =
+                    super::layout::earlier_streams(&self.conn, &self.ensure_stream, &self.shards);
                 if let Ok(Ok(found)) = tokio::time::timeout(Duration::from_secs(1), found).await {
                     earlier = found.into_iter().map(|s| s.stream).collect();
                 }

@@ -184,20 +184,21 @@ impl WorkerContext {
             return Ok(BatchReport::default());
         }
         let stream = lease.stream.as_str();
-        let record = |request: &EnsureRequest, state, user_id: Option<&str>, reason: Option<&str>| {
-            let record = RequestRecord {
-                request_id: request.request_id.clone(),
-                state,
-                user_id: user_id.map(str::to_string),
-                reason: reason.map(str::to_string),
-                last_error: None,
-                owner: request.user_id.clone(),
+        let record =
+            |request: &EnsureRequest, state, user_id: Option<&str>, reason: Option<&str>| {
+                let record = RequestRecord {
+                    request_id: request.request_id.clone(),
+                    state,
+                    user_id: user_id.map(str::to_string),
+                    reason: reason.map(str::to_string),
+                    last_error: None,
+                    owner: request.user_id.clone(),
+                };
+                Some((
+                    StatusKeys::record_key(stream, &request.request_id),
+                    StatusKeys::record_json(&record),
+                ))
             };
-            Some((
-                StatusKeys::record_key(stream, &request.request_id),
-                StatusKeys::record_json(&record),
-            ))
-        };
         let mut endings = Vec::with_capacity(done.len() + dead.len());
         for (d, canonical) in &done {
             endings.push(Ending {

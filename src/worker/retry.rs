@@ -69,7 +69,9 @@ impl RetryPolicy {
         loop {
             let error = match op().await {
                 Ok(value) => return Ok(value),
-                Err(StepError::Permanent(reason)) => return Err(JobError::Permanent { step, reason }),
+                Err(StepError::Permanent(reason)) => {
+                    return Err(JobError::Permanent { step, reason })
+                }
                 Err(StepError::Retryable(error)) => error,
             };
             if shutdown.is_cancelled() {

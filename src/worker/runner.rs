@@ -192,8 +192,7 @@ impl Consumer {
             self.earlier = Some(Instant::now() + EARLIER_LAYOUTS_EVERY);
             let topology = &self.settings.topology;
             let ensure_stream = topology.ensure_stream.as_str();
-            match layout::earlier_streams(&self.ctx.queue, ensure_stream, &topology.shards).await
-            {
+            match layout::earlier_streams(&self.ctx.queue, ensure_stream, &topology.shards).await {
                 Ok(found) => {
                     let keep: Vec<String> = found
                         .into_iter()

@@ -1,9 +1,7 @@
 //! The promise behind a 2xx, in-process: dead letters, Engine confirmation, backpressure,
 //! request status.
 
-use ensure_user::engine::stub::{self, StubSettings};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
 
@@ -120,20 +118,7 @@ async fn ack_mode_republishes_when_the_engine_reply_is_lost() {
         set(v, "ENGINE_CONFIRM_TIMEOUT_MS", "300");
     })
     .await;
-    let stop_stub = CancellationToken::new();
-    let engine =
-        ensure_user::queue::connect(&app.engine.url(), std::time::Duration::from_secs(3)).unwrap();
-    let stub = tokio::spawn(stub::run(
-        engine,
-        StubSettings {
-            engine_stream: "stream:exness".into(),
-            reply_stream: "stream:exnessReceive".into(),
-            drop_replies: 1,
-            from_start: true,
-            without_ids: false,
-        },
-        stop_stub.clone(),
-    ));
+    let stop_stub = start_stub_dropping(&app, false, 1);
 
     let response = app.ensure(&token("acked", "acked@example.com")).await;
 
@@ -158,7 +143,6 @@ async fn ack_mode_republishes_when_the_engine_reply_is_lost() {
         )
     );
     stop_stub.cancel();
-    stub.await.unwrap().unwrap();
     app.shutdown().await.unwrap();
 }
 

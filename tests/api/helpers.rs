@@ -8,8 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ensure_user::engine::stub::{self, StubSettings};
 use ensure_user::http::auth::mint_token;
+use ensure_user::queue::outcome::Waiters;
 use ensure_user::queue::{parse_entries, RawEntry};
+use ensure_user::worker::WorkerContext;
 use ensure_user::{Application, Config, Mode};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -91,6 +94,25 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a frozen server (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the server runs");
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} failed");
     }
 
     /// Kills the server (SIGKILL) and waits until it is gone.
@@ -222,6 +244,10 @@ pub struct TestApp {
     pub engine: RedisServer,
     pub db_path: PathBuf,
     pub client: reqwest::Client,
+    /// Requests of the app's listener waiting for their outcome.
+    pub waiters: std::sync::Arc<Waiters>,
+    /// The worker step, when the app runs workers.
+    pub worker: Option<std::sync::Arc<WorkerContext>>,
     pub stop: CancellationToken,
     pub running: JoinHandle<anyhow::Result<()>>,
     _dir: tempfile::TempDir,
@@ -233,18 +259,33 @@ pub async fn spawn_app() -> TestApp {
 
 /// Spawns `serve` in-process with settings changed by `adjust`.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Vec<(String, String)>)) -> TestApp {
+    spawn_app_in(Mode::Serve, adjust).await
+}
+
+/// Spawns the app in `mode` with Redis servers of its own.
+pub async fn spawn_app_in(mode: Mode, adjust: impl FnOnce(&mut Vec<(String, String)>)) -> TestApp {
     let queue = RedisServer::start().await;
     let engine = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    spawn_app_on(queue, engine, tempfile::tempdir().unwrap(), mode, adjust).await
+}
+
+/// Spawns the app in `mode` on these Redis servers, with its SQLite file under `dir`.
+pub async fn spawn_app_on(
+    queue: RedisServer,
+    engine: RedisServer,
+    dir: tempfile::TempDir,
+    mode: Mode,
+    adjust: impl FnOnce(&mut Vec<(String, String)>),
+) -> TestApp {
     let db_path = dir.path().join("data").join("users.db");
     let mut vars = test_vars(&queue, &engine, &db_path);
     adjust(&mut vars);
     let config = Config::from_vars(vars).expect("test settings are valid");
-    let app = Application::build(config, Mode::Serve)
-        .await
-        .expect("app builds");
+    let app = Application::build(config, mode).await.expect("app builds");
     let address = app.address();
     let metrics_address = app.metrics_address();
+    let waiters = app.waiters();
+    let worker = app.worker();
     let stop = CancellationToken::new();
     let running = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
     TestApp {
@@ -254,6 +295,8 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Vec<(String, String)>)) -> 
         engine,
         db_path,
         client: reqwest::Client::new(),
+        waiters,
+        worker,
         stop,
         running,
         _dir: dir,
@@ -323,6 +366,62 @@ impl TestApp {
         self.stop.cancel();
         self.running.await.unwrap()
     }
+
+    /// Stops the app and hands back its Redis servers and data folder, for a next app.
+    pub async fn stop_keeping_data(self) -> (RedisServer, RedisServer, tempfile::TempDir) {
+        self.stop.cancel();
+        self.running.await.unwrap().unwrap();
+        (self.queue, self.engine, self._dir)
+    }
+
+    /// The worker step of an app that runs workers.
+    pub fn worker_context(&self) -> std::sync::Arc<WorkerContext> {
+        self.worker.clone().expect("the app runs workers")
+    }
+
+    /// The value of an unlabelled metric on this process's `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .client
+            .get(format!("http://{}/metrics", self.metrics_address))
+            .send()
+            .await
+            .expect("metrics answered")
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+/// Runs the reference Engine on the app's Engine Redis (from the stream's start) until the
+/// returned token is cancelled; `without_ids` replies as the platform's older Engine.
+pub fn start_stub(app: &TestApp, without_ids: bool) -> CancellationToken {
+    start_stub_dropping(app, without_ids, 0)
+}
+
+/// [`start_stub`] that drops its first `drop_replies` replies.
+pub fn start_stub_dropping(
+    app: &TestApp,
+    without_ids: bool,
+    drop_replies: u64,
+) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let engine = ensure_user::queue::connect(&app.engine.url(), Duration::from_secs(3)).unwrap();
+    tokio::spawn(stub::run(
+        engine,
+        StubSettings {
+            engine_stream: "stream:exness".into(),
+            reply_stream: "stream:exnessReceive".into(),
+            drop_replies,
+            from_start: true,
+            without_ids,
+        },
+        stop.clone(),
+    ));
+    stop
 }
 
 pub fn rows(db: &Path) -> Vec<(String, String)> {
