@@ -119,17 +119,23 @@ async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
             } else {
                 ids
             };
+            // One letter that cannot be replayed must not keep the others from going back:
+            // try each, name each failure, and fail the command only at the end.
             let mut replayed = 0;
             for id in &ids {
-                match tools.replay(id).await? {
-                    Some(new_id) => {
+                match tools.replay(id).await {
+                    Ok(Some(new_id)) => {
                         replayed += 1;
                         println!("replayed {id} as {new_id}");
                     }
-                    None => println!("no dead letter {id}"),
+                    Ok(None) => println!("not replayed {id}: no such dead letter"),
+                    Err(e) => println!("not replayed {id}: {e}"),
                 }
             }
             println!("{replayed} of {} replayed", ids.len());
+            if replayed < ids.len() {
+                anyhow::bail!("{} dead letter(s) not replayed", ids.len() - replayed);
+            }
         }
         DeadLetterCommand::Purge { older_than } => {
             let removed = tools.purge(older_than).await?;
@@ -143,12 +149,26 @@ fn text(value: &[u8]) -> String {
     String::from_utf8_lossy(value).into_owned()
 }
 
+/// A name or value as JSON: the string when it is UTF-8, else `{"base64": …}`, so bytes
+/// that are not text are shown exactly rather than replaced.
+fn bytes_json(bytes: &[u8]) -> serde_json::Value {
+    use base64::Engine as _;
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::Value::String(text.to_owned()),
+        Err(_) => serde_json::json!({
+            "base64": base64::engine::general_purpose::STANDARD.encode(bytes)
+        }),
+    }
+}
+
+/// One dead letter as a JSON line. Fields are `[name, value]` pairs in stream order, not
+/// an object: names need not be UTF-8 (nor unique), and an object key can only be text.
 fn letter_json(stream: &str, letter: &RawEntry) -> String {
-    let fields: serde_json::Map<String, serde_json::Value> = letter
+    let fields: Vec<serde_json::Value> = letter
         .fields
         .iter()
         .flatten()
-        .map(|(k, v)| (k.clone(), serde_json::Value::String(text(v))))
+        .map(|(k, v)| serde_json::Value::Array(vec![bytes_json(k), bytes_json(v)]))
         .collect();
     serde_json::json!({ "id": letter.id, "stream": stream, "fields": fields }).to_string()
 }

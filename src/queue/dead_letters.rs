@@ -1,9 +1,10 @@
 //! Dead letters: entries that can never succeed, kept on `<ENSURE_STREAM>:dead`.
 //!
-//! A dead letter keeps the original entry's fields byte for byte, plus why it died, so an
-//! operator can read it, repair what was wrong, and replay it. Writing a dead letter and
-//! acknowledging the original happen in one MULTI; so do replaying and removing it: a crash
-//! in between can neither lose the entry nor double it.
+//! A dead letter keeps the original entry's fields byte for byte (names too, UTF-8 or not),
+//! plus why it died, so an operator can read it, repair what was wrong, and replay it.
+//! Writing a dead letter and acknowledging the original happen in one MULTI; replaying and
+//! removing it happen in one script: a crash in between can neither lose the entry nor
+//! double it, and a replay that Redis refuses leaves the letter where it was.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -18,6 +19,26 @@ pub mod fields {
     pub const LAST_FAILED_AT: &str = "dead_last_failed_at";
     pub const ORIGINAL_ID: &str = "dead_original_id";
 }
+
+/// What every field a dead letter adds starts with; replays and re-deaths drop them.
+const DEAD_PREFIX: &[u8] = b"dead_";
+
+/// Replays one dead letter, all or nothing. KEYS[1] is the ingress stream, KEYS[2] its
+/// dead-letter stream, ARGV[1] the letter's id and ARGV[2..] the fields to put back.
+///
+/// A script rather than a MULTI: inside a MULTI a command that fails at EXEC time (XADD
+/// onto a key that is not a stream: WRONGTYPE) does not stop the XDEL after it, and the
+/// letter would be deleted without having been replayed. A script stops at the first
+/// error, before anything was written. Checking that the letter is still there, in the
+/// same atomic step, also makes two operators replaying at once put it back only once.
+const REPLAY_SCRIPT: &str = r"
+if #redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[1]) == 0 then
+  return false
+end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+redis.call('XDEL', KEYS[2], ARGV[1])
+return id
+";
 
 pub fn now_millis() -> u64 {
     SystemTime::now()
@@ -51,8 +72,8 @@ impl DeadLetter {
     pub fn add_to(&self, pipe: &mut redis::Pipeline, dead_stream: &str) {
         let cmd = pipe.cmd("XADD").arg(dead_stream).arg("*");
         for (name, value) in self.entry.fields.iter().flatten() {
-            if !name.starts_with("dead_") {
-                cmd.arg(name).arg(value.as_slice());
+            if !name.starts_with(DEAD_PREFIX) {
+                cmd.arg(name.as_slice()).arg(value.as_slice());
             }
         }
         cmd.arg(fields::REASON)
@@ -101,7 +122,8 @@ impl DeadLetters {
     }
 
     /// Puts one dead letter back on its ingress stream and removes it, atomically.
-    /// Returns the new ingress id, or `None` when no dead letter has that id.
+    /// Returns the new ingress id, or `None` when no dead letter has that id (any more).
+    /// On an error nothing was written: the letter is still a dead letter.
     pub async fn replay(&self, id: &str) -> redis::RedisResult<Option<String>> {
         for stream in &self.shards {
             let dead = super::dead_stream(stream);
@@ -115,24 +137,23 @@ impl DeadLetters {
             let Some(entry) = super::parse_entries(&value).into_iter().next() else {
                 continue;
             };
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            let cmd = pipe.cmd("XADD").arg(stream).arg("*");
+            let script = redis::Script::new(REPLAY_SCRIPT);
+            let mut invocation = script.prepare_invoke();
+            invocation.key(stream).key(&dead).arg(id);
             for (name, value) in entry.fields.iter().flatten() {
-                match name.as_str() {
-                    n if n.starts_with("dead_") => {}
-                    // The listener that waited is long gone; nobody waits for a replay.
-                    super::ingress::fields::REPLY_TO => {
-                        cmd.arg(name).arg("");
-                    }
-                    _ => {
-                        cmd.arg(name).arg(value.as_slice());
-                    }
+                if name.starts_with(DEAD_PREFIX) {
+                    continue;
+                }
+                invocation.arg(name.as_slice());
+                // The listener that waited is long gone; nobody waits for a replay.
+                if name.as_slice() == super::ingress::fields::REPLY_TO.as_bytes() {
+                    invocation.arg("");
+                } else {
+                    invocation.arg(value.as_slice());
                 }
             }
-            pipe.cmd("XDEL").arg(&dead).arg(id).ignore();
-            let (new_id,): (String,) = pipe.query_async(&mut conn).await?;
-            return Ok(Some(new_id));
+            let new_id: Option<String> = invocation.invoke_async(&mut conn).await?;
+            return Ok(new_id);
         }
         Ok(None)
     }

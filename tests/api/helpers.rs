@@ -347,7 +347,7 @@ pub fn engine_message(entry: &RawEntry) -> String {
         1,
         "an Engine entry has exactly one field: {fields:?}"
     );
-    assert_eq!(fields[0].0, "message");
+    assert_eq!(fields[0].0, b"message");
     String::from_utf8(fields[0].1.clone()).unwrap()
 }
 
@@ -432,21 +432,27 @@ impl Process {
     }
 }
 
-/// Runs a one-shot command of the binary (e.g. `dead-letters list`) and returns its stdout.
+/// Runs a one-shot command of the binary (e.g. `dead-letters list`), asserts it succeeded,
+/// and returns its stdout.
 pub fn run_cli(args: &[&str], vars: &[(String, String)]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_ensure-user"))
-        .args(args)
-        .env_clear()
-        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let output = run_cli_output(args, vars);
     assert!(
         output.status.success(),
         "{args:?} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).unwrap()
+}
+
+/// Runs a one-shot command of the binary and returns how it ended, successful or not.
+pub fn run_cli_output(args: &[&str], vars: &[(String, String)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ensure-user"))
+        .args(args)
+        .env_clear()
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 /// Entries read by the group but not acknowledged, by consumer name.

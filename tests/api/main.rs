@@ -4,6 +4,7 @@
 mod auth;
 mod cluster;
 mod crashes;
+mod dead_letters;
 mod durability;
 mod ensure;
 mod faults;
