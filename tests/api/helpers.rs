@@ -543,11 +543,19 @@ impl TestDb {
     }
 
     pub async fn open(&self) -> ensure_user::store::Store {
+        self.open_with(ensure_user::store::StoreOptions::with_pool_size(8))
+            .await
+    }
+
+    pub async fn open_with(
+        &self,
+        options: ensure_user::store::StoreOptions,
+    ) -> ensure_user::store::Store {
         let path = match self {
             TestDb::Sqlite(dir) => dir.path().join("users.db"),
             TestDb::Postgres { .. } => PathBuf::from("unused"),
         };
-        ensure_user::store::Store::open(self.url(), &path, 8)
+        ensure_user::store::Store::open(self.url(), &path, options)
             .await
             .unwrap()
     }
