@@ -112,29 +112,40 @@ async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
             eprintln!("{} dead letter(s) on {streams}", letters.len());
         }
         DeadLetterCommand::Replay { ids, all } => {
-            let ids = if all {
-                tools.list().await?.into_iter().map(|(_, l)| l.id).collect()
-            } else if ids.is_empty() {
+            if !all && ids.is_empty() {
                 anyhow::bail!("name the dead letters to replay, or pass --all");
-            } else {
-                ids
-            };
+            }
             // One letter that cannot be replayed must not keep the others from going back:
             // try each, name each failure, and fail the command only at the end.
-            let mut replayed = 0;
-            for id in &ids {
-                match tools.replay(id).await {
-                    Ok(Some(new_id)) => {
-                        replayed += 1;
-                        println!("replayed {id} as {new_id}");
-                    }
-                    Ok(None) => println!("not replayed {id}: no such dead letter"),
-                    Err(e) => println!("not replayed {id}: {e}"),
+            let mut outcomes = Vec::new();
+            if all {
+                // Each listed letter on its own stream: ids are per stream, so two shards
+                // can hold letters with the same id, and a lookup by id would find one twice.
+                for (stream, letter) in tools.list().await? {
+                    let outcome = tools.replay_letter(&stream, &letter).await;
+                    let name = format!("{} on {}", letter.id, queue::dead_stream(&stream));
+                    outcomes.push((name, outcome));
+                }
+            } else {
+                for id in ids {
+                    let outcome = tools.replay(&id).await;
+                    outcomes.push((id, outcome));
                 }
             }
-            println!("{replayed} of {} replayed", ids.len());
-            if replayed < ids.len() {
-                anyhow::bail!("{} dead letter(s) not replayed", ids.len() - replayed);
+            let mut replayed = 0;
+            for (name, outcome) in &outcomes {
+                match outcome {
+                    Ok(Some(new_id)) => {
+                        replayed += 1;
+                        println!("replayed {name} as {new_id}");
+                    }
+                    Ok(None) => println!("not replayed {name}: no such dead letter"),
+                    Err(e) => println!("not replayed {name}: {e}"),
+                }
+            }
+            println!("{replayed} of {} replayed", outcomes.len());
+            if replayed < outcomes.len() {
+                anyhow::bail!("{} dead letter(s) not replayed", outcomes.len() - replayed);
             }
         }
         DeadLetterCommand::Purge { older_than } => {

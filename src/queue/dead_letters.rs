@@ -121,41 +121,53 @@ impl DeadLetters {
         Ok(all)
     }
 
-    /// Puts one dead letter back on its ingress stream and removes it, atomically.
-    /// Returns the new ingress id, or `None` when no dead letter has that id (any more).
+    /// Puts the dead letter with this id back on its ingress stream and removes it,
+    /// atomically. Returns the new ingress id, or `None` when no dead letter has that id
+    /// (any more). Ids are per stream: with several shards, the first shard's letter wins.
     /// On an error nothing was written: the letter is still a dead letter.
     pub async fn replay(&self, id: &str) -> redis::RedisResult<Option<String>> {
         for stream in &self.shards {
-            let dead = super::dead_stream(stream);
             let mut conn = self.conn.clone();
             let value: redis::Value = redis::cmd("XRANGE")
-                .arg(&dead)
+                .arg(super::dead_stream(stream))
                 .arg(id)
                 .arg(id)
                 .query_async(&mut conn)
                 .await?;
-            let Some(entry) = super::parse_entries(&value).into_iter().next() else {
-                continue;
-            };
-            let script = redis::Script::new(REPLAY_SCRIPT);
-            let mut invocation = script.prepare_invoke();
-            invocation.key(stream).key(&dead).arg(id);
-            for (name, value) in entry.fields.iter().flatten() {
-                if name.starts_with(DEAD_PREFIX) {
-                    continue;
-                }
-                invocation.arg(name.as_slice());
-                // The listener that waited is long gone; nobody waits for a replay.
-                if name.as_slice() == super::ingress::fields::REPLY_TO.as_bytes() {
-                    invocation.arg("");
-                } else {
-                    invocation.arg(value.as_slice());
-                }
+            if let Some(letter) = super::parse_entries(&value).into_iter().next() {
+                return self.replay_letter(stream, &letter).await;
             }
-            let new_id: Option<String> = invocation.invoke_async(&mut conn).await?;
-            return Ok(new_id);
         }
         Ok(None)
+    }
+
+    /// Puts one listed dead letter of ingress stream `stream` back and removes it,
+    /// atomically; as [`DeadLetters::replay`], without looking it up by id first.
+    pub async fn replay_letter(
+        &self,
+        stream: &str,
+        letter: &RawEntry,
+    ) -> redis::RedisResult<Option<String>> {
+        let script = redis::Script::new(REPLAY_SCRIPT);
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(stream)
+            .key(super::dead_stream(stream))
+            .arg(&letter.id);
+        for (name, value) in letter.fields.iter().flatten() {
+            if name.starts_with(DEAD_PREFIX) {
+                continue;
+            }
+            invocation.arg(name.as_slice());
+            // The listener that waited is long gone; nobody waits for a replay.
+            if name.as_slice() == super::ingress::fields::REPLY_TO.as_bytes() {
+                invocation.arg("");
+            } else {
+                invocation.arg(value.as_slice());
+            }
+        }
+        let mut conn = self.conn.clone();
+        invocation.invoke_async(&mut conn).await
     }
 
     /// Removes dead letters older than `min_age_ms` (all when `None`); returns how many.

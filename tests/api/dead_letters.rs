@@ -24,11 +24,17 @@ fn cli_vars(queue: &RedisServer) -> Vec<(String, String)> {
     ]
 }
 
-/// Writes a dead letter as a worker would, with these fields first; returns its id.
-async fn add_letter(queue: &RedisServer, dead: &str, fields: &[(&[u8], &[u8])]) -> String {
+/// Writes a dead letter as a worker would, with these fields first, under `id` (`*`: a
+/// new one); returns its id.
+async fn add_letter(
+    queue: &RedisServer,
+    dead: &str,
+    id: &str,
+    fields: &[(&[u8], &[u8])],
+) -> String {
     let mut conn = queue.conn().await;
     let mut cmd = redis::cmd("XADD");
-    cmd.arg(dead).arg("*");
+    cmd.arg(dead).arg(id);
     for (name, value) in fields {
         cmd.arg(*name).arg(*value);
     }
@@ -41,10 +47,11 @@ async fn add_letter(queue: &RedisServer, dead: &str, fields: &[(&[u8], &[u8])]) 
     cmd.query_async(&mut conn).await.unwrap()
 }
 
-async fn add_good_letter(queue: &RedisServer, dead: &str, user_id: &str) -> String {
+async fn add_good_letter(queue: &RedisServer, dead: &str, id: &str, user_id: &str) -> String {
     add_letter(
         queue,
         dead,
+        id,
         &[
             (b"request_id", format!("r-{user_id}").as_bytes()),
             (b"user_id", user_id.as_bytes()),
@@ -63,9 +70,15 @@ fn stdout_of(output: &std::process::Output) -> String {
 #[tokio::test]
 async fn dead_letters_keep_fields_that_are_not_utf8_through_list_and_replay() {
     let queue = RedisServer::start().await;
-    add_good_letter(&queue, DEAD, "first").await;
-    let odd_id = add_letter(&queue, DEAD, &[(ODD_NAME, ODD_VALUE), (b"user_id", b"odd")]).await;
-    add_good_letter(&queue, DEAD, "last").await;
+    add_good_letter(&queue, DEAD, "*", "first").await;
+    let odd_id = add_letter(
+        &queue,
+        DEAD,
+        "*",
+        &[(ODD_NAME, ODD_VALUE), (b"user_id", b"odd")],
+    )
+    .await;
+    add_good_letter(&queue, DEAD, "*", "last").await;
     let vars = cli_vars(&queue);
 
     let listed = run_cli(&["dead-letters", "list", "--json"], &vars);
@@ -108,13 +121,14 @@ async fn dead_letters_keep_fields_that_are_not_utf8_through_list_and_replay() {
 
 #[tokio::test]
 async fn replay_goes_on_past_a_letter_it_cannot_replay_names_it_and_fails() {
-    // Two shards, so one ingress stream can be broken while the other still works.
+    // Two shards, so one ingress stream can be broken while the other still works; ids are
+    // per stream, and a letter on each shard has the same one.
     let queue = RedisServer::start().await;
     let broken = "stream:ensure-user:{0}";
     let working = "stream:ensure-user:{1}";
-    let stuck = add_good_letter(&queue, &format!("{broken}:dead"), "stuck").await;
-    add_good_letter(&queue, &format!("{working}:dead"), "one").await;
-    add_good_letter(&queue, &format!("{working}:dead"), "two").await;
+    let stuck = add_good_letter(&queue, &format!("{broken}:dead"), "7-0", "stuck").await;
+    add_good_letter(&queue, &format!("{working}:dead"), "7-0", "one").await;
+    add_good_letter(&queue, &format!("{working}:dead"), "*", "two").await;
     let mut conn = queue.conn().await;
     let _: () = redis::cmd("SET")
         .arg(broken)
@@ -132,7 +146,7 @@ async fn replay_goes_on_past_a_letter_it_cannot_replay_names_it_and_fails() {
     assert!(stdout.contains("2 of 3 replayed"), "{stdout}");
     let failure = stdout
         .lines()
-        .find(|l| l.starts_with(&format!("not replayed {stuck}:")))
+        .find(|l| l.starts_with(&format!("not replayed {stuck} on {broken}:dead: ")))
         .unwrap_or_else(|| panic!("the failed letter is named: {stdout}"));
     assert!(failure.contains("WRONGTYPE"), "{failure}");
     assert!(
