@@ -61,18 +61,32 @@ async fn behaviour(db: &TestDb) {
         ]
     );
 
-    // Concurrent batches that overlap: one row per user, one owner per email.
+    // Concurrent batches that overlap: one row per user, one owner per email. A batch may
+    // fail retryably while they contend (a deadlock, a lock wait over the statement
+    // timeout on a loaded machine); the worker runs such a batch again, and so does this.
     let store = Arc::new(store);
     let tasks = (0..8).map(|t| {
         let store = Arc::clone(&store);
         tokio::spawn(async move {
-            let users = (0..40).map(|i| {
-                user(
-                    &format!("c{}", (i + t * 7) % 60),
-                    &format!("c{}@x.com", (i + t * 7) % 60),
-                )
-            });
-            store.upsert(users.collect()).await.unwrap()
+            let users: Vec<NewUser> = (0..40)
+                .map(|i| {
+                    user(
+                        &format!("c{}", (i + t * 7) % 60),
+                        &format!("c{}@x.com", (i + t * 7) % 60),
+                    )
+                })
+                .collect();
+            eventually("the concurrent batch to be stored", || {
+                let (store, users) = (Arc::clone(&store), users.clone());
+                async move {
+                    match store.upsert(users).await {
+                        Ok(resolutions) => Some(resolutions),
+                        Err(e) if e.is_retryable() => None,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+            .await
         })
     });
     for task in futures_util::future::join_all(tasks).await {
