@@ -107,7 +107,7 @@ impl Application {
             let store = Store::open(
                 config.database_url.as_deref(),
                 &config.database_path,
-                config.worker_concurrency * 2,
+                config.store_options(),
             )
             .await?;
             let engine_conn = queue::connect(&config.engine_redis_url, Duration::from_secs(2))?;

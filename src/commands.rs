@@ -94,9 +94,12 @@ async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
     let config = Config::from_env()?;
     let topology = config.queue_topology();
     let conn = queue::connect_queue(&topology, std::time::Duration::from_secs(5)).await?;
-    let tools = DeadLetters::new(conn, topology.shards.clone());
-    let streams = topology
-        .shards
+    // Dead letters of an earlier shard layout are still theirs to list, replay and purge.
+    let mut shards = topology.shards.clone();
+    let earlier = queue::layout::earlier_streams(&conn, &topology.ensure_stream, &shards).await?;
+    shards.extend(earlier.into_iter().map(|s| s.stream));
+    let tools = DeadLetters::new(conn, shards.clone());
+    let streams = shards
         .iter()
         .map(|s| queue::dead_stream(s))
         .collect::<Vec<_>>()
@@ -114,24 +117,41 @@ async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
             eprintln!("{} dead letter(s) on {streams}", letters.len());
         }
         DeadLetterCommand::Replay { ids, all } => {
-            let ids = if all {
-                tools.list().await?.into_iter().map(|(_, l)| l.id).collect()
-            } else if ids.is_empty() {
+            if !all && ids.is_empty() {
                 anyhow::bail!("name the dead letters to replay, or pass --all");
+            }
+            // One letter that cannot be replayed must not keep the others from going back:
+            // try each, name each failure, and fail the command only at the end.
+            let mut outcomes = Vec::new();
+            if all {
+                // Each listed letter on its own stream: ids are per stream, so two shards
+                // can hold letters with the same id, and a lookup by id would find one twice.
+                for (stream, letter) in tools.list().await? {
+                    let outcome = tools.replay_letter(&stream, &letter).await;
+                    let name = format!("{} on {}", letter.id, queue::dead_stream(&stream));
+                    outcomes.push((name, outcome));
+                }
             } else {
-                ids
-            };
-            let mut replayed = 0;
-            for id in &ids {
-                match tools.replay(id).await? {
-                    Some(new_id) => {
-                        replayed += 1;
-                        println!("replayed {id} as {new_id}");
-                    }
-                    None => println!("no dead letter {id}"),
+                for id in ids {
+                    let outcome = tools.replay(&id).await;
+                    outcomes.push((id, outcome));
                 }
             }
-            println!("{replayed} of {} replayed", ids.len());
+            let mut replayed = 0;
+            for (name, outcome) in &outcomes {
+                match outcome {
+                    Ok(Some(new_id)) => {
+                        replayed += 1;
+                        println!("replayed {name} as {new_id}");
+                    }
+                    Ok(None) => println!("not replayed {name}: no such dead letter"),
+                    Err(e) => println!("not replayed {name}: {e}"),
+                }
+            }
+            println!("{replayed} of {} replayed", outcomes.len());
+            if replayed < outcomes.len() {
+                anyhow::bail!("{} dead letter(s) not replayed", outcomes.len() - replayed);
+            }
         }
         DeadLetterCommand::Purge { older_than } => {
             let removed = tools.purge(older_than).await?;
@@ -145,12 +165,26 @@ fn text(value: &[u8]) -> String {
     String::from_utf8_lossy(value).into_owned()
 }
 
+/// A name or value as JSON: the string when it is UTF-8, else `{"base64": …}`, so bytes
+/// that are not text are shown exactly rather than replaced.
+fn bytes_json(bytes: &[u8]) -> serde_json::Value {
+    use base64::Engine as _;
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::Value::String(text.to_owned()),
+        Err(_) => serde_json::json!({
+            "base64": base64::engine::general_purpose::STANDARD.encode(bytes)
+        }),
+    }
+}
+
+/// One dead letter as a JSON line. Fields are `[name, value]` pairs in stream order, not
+/// an object: names need not be UTF-8 (nor unique), and an object key can only be text.
 fn letter_json(stream: &str, letter: &RawEntry) -> String {
-    let fields: serde_json::Map<String, serde_json::Value> = letter
+    let fields: Vec<serde_json::Value> = letter
         .fields
         .iter()
         .flatten()
-        .map(|(k, v)| (k.clone(), serde_json::Value::String(text(v))))
+        .map(|(k, v)| serde_json::Value::Array(vec![bytes_json(k), bytes_json(v)]))
         .collect();
     serde_json::json!({ "id": letter.id, "stream": stream, "fields": fields }).to_string()
 }

@@ -136,6 +136,8 @@ pub struct Config {
     pub database_path: PathBuf,
     /// `postgres://…`: the store is PostgreSQL instead of SQLite.
     pub database_url: Option<String>,
+    /// PostgreSQL: the longest one statement may run, lock waits included.
+    pub database_statement_timeout: Duration,
     pub worker_concurrency: usize,
     pub worker_batch_size: usize,
     pub worker_block: Duration,
@@ -424,6 +426,14 @@ impl Config {
                 ConfigError::new("DATABASE_URL", format!("not a usable PostgreSQL URL: {e}"))
             })?;
         }
+        let database_statement_timeout = s.millis("DATABASE_STATEMENT_TIMEOUT_MS", 5000)?;
+        if database_statement_timeout < Duration::from_millis(100) {
+            // Shorter than a healthy batch can take: every batch would time out and retry.
+            return Err(ConfigError::new(
+                "DATABASE_STATEMENT_TIMEOUT_MS",
+                "must be at least 100",
+            ));
+        }
         let engine_confirm = match s
             .string("ENGINE_CONFIRM", "publish")
             .to_ascii_lowercase()
@@ -455,6 +465,7 @@ impl Config {
             enqueue_timeout,
             database_path: PathBuf::from(s.string("DATABASE_PATH", "./data/ensure-user.db")),
             database_url,
+            database_statement_timeout,
             worker_concurrency: s.positive("WORKER_CONCURRENCY", 4)?,
             worker_batch_size: s.positive("WORKER_BATCH_SIZE", 256)?,
             worker_block,
@@ -476,6 +487,15 @@ impl Config {
             max_connections: s.positive("MAX_CONNECTIONS", 10_000)?,
             log_format,
         })
+    }
+
+    /// How the store is opened: a PostgreSQL pool of 2 × `WORKER_CONCURRENCY` connections,
+    /// and the statement timeout.
+    pub fn store_options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            pool_size: self.worker_concurrency * 2,
+            statement_timeout: self.database_statement_timeout,
+        }
     }
 
     /// Where the queue lives and its shard streams.
@@ -514,6 +534,7 @@ mod tests {
         assert_eq!(c.engine_reply_stream, "stream:exnessReceive");
         assert_eq!(c.ensure_wait, Duration::from_millis(5000));
         assert_eq!(c.database_path, PathBuf::from("./data/ensure-user.db"));
+        assert_eq!(c.database_statement_timeout, Duration::from_millis(5000));
         assert_eq!(c.jwt.leeway_secs, 60);
         assert!(!c.jwt.require_exp);
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
@@ -543,6 +564,14 @@ mod tests {
             (&[("CLAIM_IDLE_MS", "10")], "CLAIM_IDLE_MS"),
             (&[("ENGINE_CONFIRM", "maybe")], "ENGINE_CONFIRM"),
             (&[("MAX_DELIVERIES", "0")], "MAX_DELIVERIES"),
+            (
+                &[("DATABASE_STATEMENT_TIMEOUT_MS", "99")],
+                "DATABASE_STATEMENT_TIMEOUT_MS",
+            ),
+            (
+                &[("DATABASE_STATEMENT_TIMEOUT_MS", "5s")],
+                "DATABASE_STATEMENT_TIMEOUT_MS",
+            ),
             (&[("JWT_ALGORITHMS", "HS256,none")], "JWT_ALGORITHMS"),
             (&[("JWT_ALGORITHMS", "RS256")], "JWT_PUBLIC_KEY_FILE"),
             (

@@ -1,9 +1,10 @@
 //! Dead letters: entries that can never succeed, kept on `<ENSURE_STREAM>:dead`.
 //!
-//! A dead letter keeps the original entry's fields byte for byte, plus why it died, so an
-//! operator can read it, repair what was wrong, and replay it. Writing a dead letter and
-//! acknowledging the original happen in one MULTI; so do replaying and removing it: a crash
-//! in between can neither lose the entry nor double it.
+//! A dead letter keeps the original entry's fields byte for byte (names too, UTF-8 or not),
+//! plus why it died, so an operator can read it, repair what was wrong, and replay it.
+//! Writing a dead letter and acknowledging the original happen in one MULTI; replaying and
+//! removing it happen in one script: a crash in between can neither lose the entry nor
+//! double it, and a replay that Redis refuses leaves the letter where it was.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -18,6 +19,26 @@ pub mod fields {
     pub const LAST_FAILED_AT: &str = "dead_last_failed_at";
     pub const ORIGINAL_ID: &str = "dead_original_id";
 }
+
+/// What every field a dead letter adds starts with; replays and re-deaths drop them.
+const DEAD_PREFIX: &[u8] = b"dead_";
+
+/// Replays one dead letter, all or nothing. KEYS[1] is the ingress stream, KEYS[2] its
+/// dead-letter stream, ARGV[1] the letter's id and ARGV[2..] the fields to put back.
+///
+/// A script rather than a MULTI: inside a MULTI a command that fails at EXEC time (XADD
+/// onto a key that is not a stream: WRONGTYPE) does not stop the XDEL after it, and the
+/// letter would be deleted without having been replayed. A script stops at the first
+/// error, before anything was written. Checking that the letter is still there, in the
+/// same atomic step, also makes two operators replaying at once put it back only once.
+const REPLAY_SCRIPT: &str = r"
+if #redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[1]) == 0 then
+  return false
+end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+redis.call('XDEL', KEYS[2], ARGV[1])
+return id
+";
 
 pub fn now_millis() -> u64 {
     SystemTime::now()
@@ -54,8 +75,8 @@ impl DeadLetter {
             .fields
             .iter()
             .flatten()
-            .filter(|(name, _)| !name.starts_with("dead_"))
-            .map(|(name, value)| (name.as_bytes().to_vec(), value.clone()))
+            .filter(|(name, _)| !name.starts_with(DEAD_PREFIX))
+            .map(|(name, value)| (name.clone(), value.clone()))
             .collect();
         for (name, value) in [
             (fields::REASON, self.reason.clone()),
@@ -101,41 +122,53 @@ impl DeadLetters {
         Ok(all)
     }
 
-    /// Puts one dead letter back on its ingress stream and removes it, atomically.
-    /// Returns the new ingress id, or `None` when no dead letter has that id.
+    /// Puts the dead letter with this id back on its ingress stream and removes it,
+    /// atomically. Returns the new ingress id, or `None` when no dead letter has that id
+    /// (any more). Ids are per stream: with several shards, the first shard's letter wins.
+    /// On an error nothing was written: the letter is still a dead letter.
     pub async fn replay(&self, id: &str) -> redis::RedisResult<Option<String>> {
         for stream in &self.shards {
-            let dead = super::dead_stream(stream);
             let mut conn = self.conn.clone();
             let value: redis::Value = redis::cmd("XRANGE")
-                .arg(&dead)
+                .arg(super::dead_stream(stream))
                 .arg(id)
                 .arg(id)
                 .query_async(&mut conn)
                 .await?;
-            let Some(entry) = super::parse_entries(&value).into_iter().next() else {
-                continue;
-            };
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            let cmd = pipe.cmd("XADD").arg(stream).arg("*");
-            for (name, value) in entry.fields.iter().flatten() {
-                match name.as_str() {
-                    n if n.starts_with("dead_") => {}
-                    // The listener that waited is long gone; nobody waits for a replay.
-                    super::ingress::fields::REPLY_TO => {
-                        cmd.arg(name).arg("");
-                    }
-                    _ => {
-                        cmd.arg(name).arg(value.as_slice());
-                    }
-                }
+            if let Some(letter) = super::parse_entries(&value).into_iter().next() {
+                return self.replay_letter(stream, &letter).await;
             }
-            pipe.cmd("XDEL").arg(&dead).arg(id).ignore();
-            let (new_id,): (String,) = pipe.query_async(&mut conn).await?;
-            return Ok(Some(new_id));
         }
         Ok(None)
+    }
+
+    /// Puts one listed dead letter of ingress stream `stream` back and removes it,
+    /// atomically; as [`DeadLetters::replay`], without looking it up by id first.
+    pub async fn replay_letter(
+        &self,
+        stream: &str,
+        letter: &RawEntry,
+    ) -> redis::RedisResult<Option<String>> {
+        let script = redis::Script::new(REPLAY_SCRIPT);
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(stream)
+            .key(super::dead_stream(stream))
+            .arg(&letter.id);
+        for (name, value) in letter.fields.iter().flatten() {
+            if name.starts_with(DEAD_PREFIX) {
+                continue;
+            }
+            invocation.arg(name.as_slice());
+            // The listener that waited is long gone; nobody waits for a replay.
+            if name.as_slice() == super::ingress::fields::REPLY_TO.as_bytes() {
+                invocation.arg("");
+            } else {
+                invocation.arg(value.as_slice());
+            }
+        }
+        let mut conn = self.conn.clone();
+        invocation.invoke_async(&mut conn).await
     }
 
     /// Removes dead letters older than `min_age_ms` (all when `None`); returns how many.

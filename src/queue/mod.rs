@@ -175,7 +175,9 @@ pub async fn stream_end_id(conn: &mut RedisConn, stream: &str) -> redis::RedisRe
 pub struct RawEntry {
     pub id: String,
     /// `None` when the entry was deleted while still pending (Redis answers nil fields).
-    pub fields: Option<Vec<(String, Vec<u8>)>>,
+    /// Names are bytes like values: Redis allows any, and a dead letter must carry every
+    /// field back unchanged, so nothing is decoded (or dropped) here.
+    pub fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
     /// How many times the group has delivered it, this delivery included.
     pub deliveries: u64,
 }
@@ -185,7 +187,7 @@ impl RawEntry {
         self.fields
             .as_ref()?
             .iter()
-            .find(|(k, _)| k == name)
+            .find(|(k, _)| k.as_slice() == name.as_bytes())
             .map(|(_, v)| v.as_slice())
     }
 
@@ -213,7 +215,7 @@ fn parse_entry(value: &Value) -> Option<RawEntry> {
         Some(Value::Array(flat)) => Some(
             flat.chunks(2)
                 .filter_map(|kv| match kv {
-                    [k, v] => Some((String::from_utf8(bytes_of(k)?).ok()?, bytes_of(v)?)),
+                    [k, v] => Some((bytes_of(k)?, bytes_of(v)?)),
                     _ => None,
                 })
                 .collect(),
@@ -221,7 +223,7 @@ fn parse_entry(value: &Value) -> Option<RawEntry> {
         Some(Value::Map(pairs)) => Some(
             pairs
                 .iter()
-                .filter_map(|(k, v)| Some((String::from_utf8(bytes_of(k)?).ok()?, bytes_of(v)?)))
+                .filter_map(|(k, v)| Some((bytes_of(k)?, bytes_of(v)?)))
                 .collect(),
         ),
         _ => None,
@@ -298,5 +300,37 @@ mod tests {
         assert_eq!(entries[0].field("a"), Some(&b"b"[..]));
         assert_eq!(entries[0].id_millis(), Some(1));
         assert_eq!(entries[1].fields, None);
+    }
+
+    #[test]
+    fn keeps_fields_whose_name_or_value_is_not_utf8() {
+        let raw = |b: &[u8]| Value::BulkString(b.to_vec());
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk("1-0"),
+            Value::Array(vec![
+                raw(b"\xffname"),
+                raw(b"\xfe\x00v"),
+                bulk("user_id"),
+                bulk("u1"),
+            ]),
+        ])]);
+        let entries = parse_entries(&reply);
+        assert_eq!(
+            entries[0].fields,
+            Some(vec![
+                (b"\xffname".to_vec(), b"\xfe\x00v".to_vec()),
+                (b"user_id".to_vec(), b"u1".to_vec()),
+            ])
+        );
+        assert_eq!(entries[0].field("user_id"), Some(&b"u1"[..]));
+
+        let resp3 = Value::Array(vec![
+            bulk("2-0"),
+            Value::Map(vec![(raw(b"\xffname"), raw(b"\xfe"))]),
+        ]);
+        assert_eq!(
+            parse_entries(&Value::Array(vec![resp3]))[0].fields,
+            Some(vec![(b"\xffname".to_vec(), b"\xfe".to_vec())])
+        );
     }
 }

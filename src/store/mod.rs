@@ -33,6 +33,26 @@ impl StoreError {
     }
 }
 
+/// How to open a store; what SQLite has no use for, it ignores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// PostgreSQL connections in the pool.
+    pub pool_size: usize,
+    /// PostgreSQL: the longest one statement may run, lock waits included, before the
+    /// server cancels it (a retryable failure) instead of letting a worker hang.
+    pub statement_timeout: Duration,
+}
+
+impl StoreOptions {
+    /// The options with this pool size and the default statement timeout (5 s).
+    pub fn with_pool_size(pool_size: usize) -> Self {
+        Self {
+            pool_size,
+            statement_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 /// The configured store: SQLite by default, PostgreSQL when `DATABASE_URL` is set.
 #[derive(Clone, Debug)]
 pub enum Store {
@@ -45,10 +65,10 @@ impl Store {
     pub async fn open(
         database_url: Option<&str>,
         sqlite_path: &Path,
-        pool_size: usize,
+        options: StoreOptions,
     ) -> anyhow::Result<Self> {
         Ok(match database_url {
-            Some(url) => Store::Postgres(PostgresStore::open(url, pool_size).await?),
+            Some(url) => Store::Postgres(PostgresStore::open(url, options).await?),
             None => Store::Sqlite(SqliteStore::open(sqlite_path, Duration::from_secs(5))?),
         })
     }

@@ -6,14 +6,21 @@
 //! by someone else), in arrival order; a row a concurrent transaction raced us to is
 //! resolved in the next round. A batch the database refuses as a whole for a reason that
 //! is not transient is retried row by row, so one bad row cannot dead-letter its neighbours.
+//! A row still unresolved after its rounds is a retryable failure, never a refusal: only
+//! the database refusing the row's values makes it a dead letter.
+//!
+//! Nothing waits forever: the server cancels any statement after `statement_timeout` (a
+//! lock held elsewhere, a slow plan), and the client gives up on a server that does not
+//! answer at all (a dead connection); both are retryable failures.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-use super::{NewUser, Resolution, StoreError};
+use super::{NewUser, Resolution, StoreError, StoreOptions};
 
 const MIGRATIONS: &[&str] = &[
     // 1: the users table.
@@ -33,11 +40,21 @@ const INSERT: &str = "INSERT INTO users (user_id, email)
 const TOUCH_BY_EMAIL: &str =
     "UPDATE users SET last_ensured_at = now() WHERE email = ANY($1) RETURNING user_id, email";
 
+/// How many times a batch is run at once when concurrent batches get in its way (a
+/// deadlock, or rows a concurrent transaction kept changing through every round).
+const ATTEMPTS: u32 = 5;
+
 /// A pool of connections to PostgreSQL; cheap to clone.
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// The longest the client waits for one transaction (or ping) before it takes the
+    /// connection for dead.
+    answer_limit: Duration,
 }
+
+/// The server did not answer one transaction within `answer_limit`.
+struct Unanswered;
 
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -47,10 +64,23 @@ impl std::fmt::Debug for PostgresStore {
 
 impl PostgresStore {
     /// Connects, and migrates the schema (one process at a time, under an advisory lock).
-    pub async fn open(url: &str, pool_size: usize) -> anyhow::Result<Self> {
-        let config: tokio_postgres::Config = url
+    pub async fn open(url: &str, options: StoreOptions) -> anyhow::Result<Self> {
+        let mut config: tokio_postgres::Config = url
             .parse()
             .context("DATABASE_URL is not a PostgreSQL URL")?;
+        // In the startup packet rather than a `SET` after connecting: the server applies it
+        // before the connection is usable, to every connection the pool ever opens
+        // (reconnects included), with no extra round trip and no window without it. Options
+        // the URL already gives are kept; ours comes last, so it wins.
+        let timeout = format!(
+            "-c statement_timeout={}",
+            options.statement_timeout.as_millis()
+        );
+        let startup = match config.get_options() {
+            Some(given) if !given.trim().is_empty() => format!("{given} {timeout}"),
+            _ => timeout,
+        };
+        config.options(startup);
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -59,7 +89,7 @@ impl PostgresStore {
             },
         );
         let pool = Pool::builder(manager)
-            .max_size(pool_size)
+            .max_size(options.pool_size)
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .wait_timeout(Some(std::time::Duration::from_secs(5)))
             .create_timeout(Some(std::time::Duration::from_secs(5)))
@@ -95,39 +125,70 @@ impl PostgresStore {
         tx.commit()
             .await
             .context("cannot migrate the PostgreSQL schema")?;
-        Ok(Self { pool })
+        // The server ends a slow statement itself; this limit is for a server that cannot
+        // answer at all (statement_timeout cannot help when the connection is dead). A
+        // transaction is a handful of statements that each take milliseconds, so twice the
+        // statement timeout and a second is reached only by a connection that is gone.
+        let answer_limit = options.statement_timeout * 2 + Duration::from_secs(1);
+        Ok(Self { pool, answer_limit })
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
         let client = self.pool.get().await.map_err(pool_error)?;
-        client.simple_query("SELECT 1").await.map_err(classify)?;
-        Ok(())
+        match tokio::time::timeout(self.answer_limit, client.simple_query("SELECT 1")).await {
+            Ok(answer) => answer.map(|_| ()).map_err(classify),
+            Err(_) => Err(self.discard(client)),
+        }
+    }
+
+    /// Runs one transaction over `users`, giving the server at most `answer_limit`.
+    async fn run(
+        &self,
+        client: &mut deadpool_postgres::Client,
+        users: &[NewUser],
+    ) -> Result<Result<Vec<Option<String>>, tokio_postgres::Error>, Unanswered> {
+        tokio::time::timeout(self.answer_limit, upsert_batch(client, users))
+            .await
+            .map_err(|_| Unanswered)
+    }
+
+    /// Closes a connection the server stopped answering on, rather than returning it to
+    /// the pool where the next batch would wait on it too.
+    fn discard(&self, client: deadpool_postgres::Client) -> StoreError {
+        drop(deadpool_postgres::Object::take(client));
+        StoreError::Transient(format!(
+            "PostgreSQL did not answer within {} ms; the connection was closed",
+            self.answer_limit.as_millis()
+        ))
     }
 
     /// Makes sure of every user; one [`Resolution`] per user, in order.
     pub async fn upsert(&self, users: Vec<NewUser>) -> Result<Vec<Resolution>, StoreError> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
-        // Overlapping batches of several workers can deadlock on the unique indexes; the
-        // loser's batch is simply run again at once.
+        // Overlapping batches of several workers can deadlock on the unique indexes, or keep
+        // changing a row under us through every round; the batch is simply run again at once.
         let mut attempt = 0;
         let batch = loop {
             attempt += 1;
-            match upsert_batch(&mut client, &users).await {
-                Err(e) if is_conflict(&e) && attempt < 5 => continue,
-                other => break other,
+            match self.run(&mut client, &users).await {
+                Err(Unanswered) => return Err(self.discard(client)),
+                Ok(Err(e)) if is_conflict(&e) && attempt < ATTEMPTS => continue,
+                Ok(Ok(rows)) if rows.contains(&None) && attempt < ATTEMPTS => continue,
+                Ok(other) => break other,
             }
         };
         match batch {
-            Ok(resolutions) => Ok(resolutions),
+            Ok(rows) => stored_or_retry(rows),
             Err(e) if is_transient(&e) => Err(classify(e)),
             // Refused as a whole: find the row that is to blame, keep the others.
             Err(_) => {
                 let mut resolutions = Vec::with_capacity(users.len());
                 for user in &users {
-                    match upsert_batch(&mut client, std::slice::from_ref(user)).await {
-                        Ok(mut r) => resolutions.push(r.remove(0)),
-                        Err(e) if is_transient(&e) => return Err(classify(e)),
-                        Err(e) => resolutions.push(Resolution::Refused {
+                    match self.run(&mut client, std::slice::from_ref(user)).await {
+                        Err(Unanswered) => return Err(self.discard(client)),
+                        Ok(Ok(rows)) => resolutions.extend(stored_or_retry(rows)?),
+                        Ok(Err(e)) if is_transient(&e) => return Err(classify(e)),
+                        Ok(Err(e)) => resolutions.push(Resolution::Refused {
                             reason: format!("PostgreSQL refused the row: {}", describe(&e)),
                         }),
                     }
@@ -138,10 +199,27 @@ impl PostgresStore {
     }
 }
 
+/// Every row stored, or a retryable failure for the batch. A row neither stored nor
+/// refused by the database was only in the way of concurrent writers: it may well be stored
+/// next time, so it must not become a dead letter (a `Refused` would make it one).
+fn stored_or_retry(rows: Vec<Option<String>>) -> Result<Vec<Resolution>, StoreError> {
+    let unresolved = rows.iter().filter(|r| r.is_none()).count();
+    if unresolved > 0 {
+        return Err(StoreError::Transient(format!(
+            "{unresolved} of {} row(s) neither stored nor refused after {ATTEMPTS} attempts \
+             (concurrent writers kept changing them)",
+            rows.len()
+        )));
+    }
+    Ok(rows.into_iter().flatten().map(Resolution::stored).collect())
+}
+
+/// One transaction of at most three rounds; per user, in order, the id that owns its email
+/// now, or `None` when concurrent transactions kept it unresolved through every round.
 async fn upsert_batch(
     client: &mut deadpool_postgres::Client,
     users: &[NewUser],
-) -> Result<Vec<Resolution>, tokio_postgres::Error> {
+) -> Result<Vec<Option<String>>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let mut resolved: Vec<Option<String>> = vec![None; users.len()];
     for _round in 0..3 {
@@ -200,16 +278,10 @@ async fn upsert_batch(
             }
         }
     }
+    // Committed even with rows unresolved: what was resolved is kept, and the retry of the
+    // batch finds those rows by id at once.
     tx.commit().await?;
-    Ok(resolved
-        .into_iter()
-        .map(|r| match r {
-            Some(canonical_id) => Resolution::Stored { canonical_id },
-            None => Resolution::Refused {
-                reason: "neither the user id nor the email could be stored".into(),
-            },
-        })
-        .collect())
+    Ok(resolved)
 }
 
 /// Connection trouble, serialisation failures, deadlocks, a server shutting down or out
@@ -250,4 +322,19 @@ fn classify(e: tokio_postgres::Error) -> StoreError {
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     StoreError::Transient(format!("no PostgreSQL connection: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_left_unresolved_fails_the_batch_retryably_and_is_never_refused() {
+        let err = stored_or_retry(vec![Some("u1".into()), None]).unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+        assert_eq!(
+            stored_or_retry(vec![Some("u1".into()), Some("u1".into())]).unwrap(),
+            vec![Resolution::stored("u1"), Resolution::stored("u1")]
+        );
+    }
 }

@@ -446,7 +446,7 @@ pub fn engine_message(entry: &RawEntry) -> String {
         1,
         "an Engine entry has exactly one field: {fields:?}"
     );
-    assert_eq!(fields[0].0, "message");
+    assert_eq!(fields[0].0, b"message");
     String::from_utf8(fields[0].1.clone()).unwrap()
 }
 
@@ -531,21 +531,27 @@ impl Process {
     }
 }
 
-/// Runs a one-shot command of the binary (e.g. `dead-letters list`) and returns its stdout.
+/// Runs a one-shot command of the binary (e.g. `dead-letters list`), asserts it succeeded,
+/// and returns its stdout.
 pub fn run_cli(args: &[&str], vars: &[(String, String)]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_ensure-user"))
-        .args(args)
-        .env_clear()
-        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let output = run_cli_output(args, vars);
     assert!(
         output.status.success(),
         "{args:?} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).unwrap()
+}
+
+/// Runs a one-shot command of the binary and returns how it ended, successful or not.
+pub fn run_cli_output(args: &[&str], vars: &[(String, String)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ensure-user"))
+        .args(args)
+        .env_clear()
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 /// Entries read by the group but not acknowledged, by consumer name.
@@ -636,11 +642,19 @@ impl TestDb {
     }
 
     pub async fn open(&self) -> ensure_user::store::Store {
+        self.open_with(ensure_user::store::StoreOptions::with_pool_size(8))
+            .await
+    }
+
+    pub async fn open_with(
+        &self,
+        options: ensure_user::store::StoreOptions,
+    ) -> ensure_user::store::Store {
         let path = match self {
             TestDb::Sqlite(dir) => dir.path().join("users.db"),
             TestDb::Postgres { .. } => PathBuf::from("unused"),
         };
-        ensure_user::store::Store::open(self.url(), &path, 8)
+        ensure_user::store::Store::open(self.url(), &path, options)
             .await
             .unwrap()
     }

@@ -5,6 +5,7 @@ mod auth;
 mod claims;
 mod cluster;
 mod crashes;
+mod dead_letters;
 mod durability;
 mod ensure;
 mod faults;

@@ -1,8 +1,9 @@
 //! The store's rules, run the same way against SQLite and PostgreSQL.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use ensure_user::store::{NewUser, Resolution};
+use ensure_user::store::{NewUser, Resolution, StoreOptions};
 
 use crate::helpers::*;
 
@@ -60,18 +61,32 @@ async fn behaviour(db: &TestDb) {
         ]
     );
 
-    // Concurrent batches that overlap: one row per user, one owner per email.
+    // Concurrent batches that overlap: one row per user, one owner per email. A batch may
+    // fail retryably while they contend (a deadlock, a lock wait over the statement
+    // timeout on a loaded machine); the worker runs such a batch again, and so does this.
     let store = Arc::new(store);
     let tasks = (0..8).map(|t| {
         let store = Arc::clone(&store);
         tokio::spawn(async move {
-            let users = (0..40).map(|i| {
-                user(
-                    &format!("c{}", (i + t * 7) % 60),
-                    &format!("c{}@x.com", (i + t * 7) % 60),
-                )
-            });
-            store.upsert(users.collect()).await.unwrap()
+            let users: Vec<NewUser> = (0..40)
+                .map(|i| {
+                    user(
+                        &format!("c{}", (i + t * 7) % 60),
+                        &format!("c{}@x.com", (i + t * 7) % 60),
+                    )
+                })
+                .collect();
+            eventually("the concurrent batch to be stored", || {
+                let (store, users) = (Arc::clone(&store), users.clone());
+                async move {
+                    match store.upsert(users).await {
+                        Ok(resolutions) => Some(resolutions),
+                        Err(e) if e.is_retryable() => None,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+            .await
         })
     });
     for task in futures_util::future::join_all(tasks).await {
@@ -114,6 +129,50 @@ async fn sqlite_keeps_the_rules() {
 #[tokio::test]
 async fn postgres_keeps_the_rules() {
     behaviour(&TestDb::postgres().await).await;
+}
+
+#[tokio::test]
+async fn postgres_gives_up_on_a_locked_table_with_a_retryable_error_then_succeeds() {
+    let db = TestDb::postgres().await;
+    let store = db
+        .open_with(StoreOptions {
+            pool_size: 2,
+            statement_timeout: Duration::from_millis(300),
+        })
+        .await;
+    let locker = db.client().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let err = tokio::time::timeout(
+        Duration::from_secs(5),
+        store.upsert(vec![user("locked", "locked@x.com")]),
+    )
+    .await
+    .expect("the upsert does not wait for the lock")
+    .unwrap_err();
+
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(err.is_retryable(), "{err}");
+    assert!(
+        err.to_string().contains("57014"),
+        "the server cancelled the statement: {err}"
+    );
+    locker.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        store
+            .upsert(vec![user("locked", "locked@x.com")])
+            .await
+            .unwrap(),
+        vec![stored("locked")]
+    );
 }
 
 #[tokio::test]
