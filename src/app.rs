@@ -224,9 +224,8 @@ impl Application {
             self.shutdown.clone(),
         ));
         if self.mode.listens() {
-            let client = redis::Client::open(self.config.redis_url.as_str())?;
             tracker.spawn(outcome::run_subscriber(
-                client,
+                self.config.queue_topology().nodes,
                 outcome::channel(&self.config.ensure_stream, &self.api.listener_id),
                 Arc::clone(&self.api.waiters),
                 self.shutdown.clone(),

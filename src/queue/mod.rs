@@ -16,6 +16,7 @@ pub mod monitor;
 pub mod outcome;
 pub mod status;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -40,6 +41,10 @@ pub fn connect(url: &str, response_timeout: Duration) -> anyhow::Result<RedisCon
 }
 
 /// Connects to the queue: one Redis, or a Redis Cluster through its node list.
+///
+/// Neither waits for the servers: a cluster that is down at start is connected to by the
+/// first command after it comes up, so the process starts (answering 503 and reporting
+/// itself not ready) rather than failing.
 pub async fn connect_queue(
     topology: &QueueTopology,
     response_timeout: Duration,
@@ -53,25 +58,43 @@ pub async fn connect_queue(
         .retries(2)
         .build()
         .context("bad Redis Cluster node list (REDIS_URL)")?;
-    let conn = tokio::time::timeout(Duration::from_secs(5), client.get_async_connection())
-        .await
-        .context("the Redis Cluster did not answer within 5 s")?
-        .context("cannot connect to the Redis Cluster")?;
-    Ok(RedisConn::Cluster(conn))
+    Ok(RedisConn::Cluster(Arc::new(LazyCluster {
+        client,
+        conn: tokio::sync::OnceCell::new(),
+    })))
+}
+
+/// A Redis Cluster connection made by the first command that finds the cluster up.
+pub struct LazyCluster {
+    client: redis::cluster::ClusterClient,
+    conn: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
+}
+
+impl LazyCluster {
+    async fn get(&self) -> redis::RedisResult<redis::cluster_async::ClusterConnection> {
+        // A failed attempt leaves the cell empty: the next command tries again.
+        self.conn
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await
+            .cloned()
+    }
 }
 
 /// A connection to one Redis (reconnecting) or to a Redis Cluster (routing by slot).
 #[derive(Clone)]
 pub enum RedisConn {
     Single(ConnectionManager),
-    Cluster(redis::cluster_async::ClusterConnection),
+    Cluster(Arc<LazyCluster>),
 }
 
 impl redis::aio::ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
         match self {
             RedisConn::Single(c) => c.req_packed_command(cmd),
-            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(lazy) => Box::pin(async move {
+                let mut conn = lazy.get().await?;
+                conn.req_packed_command(cmd).await
+            }),
         }
     }
 
@@ -83,14 +106,17 @@ impl redis::aio::ConnectionLike for RedisConn {
     ) -> redis::RedisFuture<'a, Vec<Value>> {
         match self {
             RedisConn::Single(c) => c.req_packed_commands(cmd, offset, count),
-            RedisConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            RedisConn::Cluster(lazy) => Box::pin(async move {
+                let mut conn = lazy.get().await?;
+                conn.req_packed_commands(cmd, offset, count).await
+            }),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             RedisConn::Single(c) => c.get_db(),
-            RedisConn::Cluster(c) => c.get_db(),
+            RedisConn::Cluster(_) => 0,
         }
     }
 }

@@ -324,19 +324,35 @@ impl OutcomeBus {
 }
 
 /// Reads this listener's outcome channel until shutdown, reconnecting after failures.
+///
+/// On a Redis Cluster a PUBLISH reaches every node, so any node will do: after a failure
+/// the next node of `REDIS_URL` is tried, and losing one node loses no outcome stream.
 pub async fn run_subscriber(
-    client: redis::Client,
+    nodes: Vec<String>,
     channel: String,
     waiters: Arc<Waiters>,
     shutdown: CancellationToken,
 ) {
+    let clients: Vec<redis::Client> = nodes
+        .iter()
+        .filter_map(|url| redis::Client::open(url.as_str()).ok())
+        .collect();
+    if clients.is_empty() {
+        tracing::error!("no usable queue Redis URL; outcomes are not received (clients get 202)");
+        return;
+    }
     let mut delay = Duration::from_millis(100);
+    let mut node = 0usize;
     while !shutdown.is_cancelled() {
-        match subscribe_once(&client, &channel, &waiters, &shutdown).await {
+        match subscribe_once(&clients[node], &channel, &waiters, &shutdown).await {
             Ok(()) => delay = Duration::from_millis(100),
             Err(e) => {
-                tracing::warn!(error = %e, "outcome subscription lost; retrying");
-                delay = (delay * 2).min(Duration::from_secs(5));
+                tracing::warn!(error = %e, node = %nodes[node], "outcome subscription lost; retrying");
+                node = (node + 1) % clients.len();
+                // Back off once every node has been tried.
+                if node == 0 {
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
             }
         }
         tokio::select! {

@@ -31,16 +31,33 @@ fn rand_u16() -> u16 {
     u16::from_le_bytes([id.as_bytes()[0], id.as_bytes()[1]])
 }
 
+/// Three distinct free cluster ports.
+fn cluster_ports() -> Vec<u16> {
+    let mut ports = Vec::new();
+    while ports.len() < 3 {
+        let p = cluster_port();
+        if !ports.contains(&p) {
+            ports.push(p);
+        }
+    }
+    ports
+}
+
+fn cluster_urls(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(|p| format!("redis://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl RedisCluster {
     async fn start() -> Self {
+        Self::start_on(cluster_ports()).await
+    }
+
+    async fn start_on(ports: Vec<u16>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut ports = Vec::new();
-        while ports.len() < 3 {
-            let p = cluster_port();
-            if !ports.contains(&p) {
-                ports.push(p);
-            }
-        }
         let children = ports
             .iter()
             .map(|port| {
@@ -103,11 +120,7 @@ impl RedisCluster {
     }
 
     fn urls(&self) -> String {
-        self.ports
-            .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",")
+        cluster_urls(&self.ports)
     }
 }
 
@@ -207,6 +220,42 @@ async fn the_queue_runs_on_a_redis_cluster_split_over_three_shards() {
             .unwrap();
         assert_eq!(status["state"], "done");
     }
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_cluster_that_is_down_at_start_gets_503_until_it_comes_up() {
+    let ports = cluster_ports();
+    let engine = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let mut vars = test_vars(&engine, &engine, &db);
+    set(&mut vars, "REDIS_URL", &cluster_urls(&ports));
+    set(&mut vars, "ENSURE_SHARDS", "3");
+    // Nothing listens on the cluster's ports yet: the process starts all the same.
+    let app = Application::build(Config::from_vars(vars).unwrap(), Mode::Serve)
+        .await
+        .expect("the process starts without its cluster");
+    let address = app.address();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
+    let client = reqwest::Client::new();
+    let ensure = |user: &str| {
+        client
+            .post(format!("http://{address}{ENSURE_PATH}"))
+            .bearer_auth(token(user, &format!("{user}@example.com")))
+            .send()
+    };
+    assert_eq!(ensure("early").await.unwrap().status(), 503);
+    let ready = client.get(format!("http://{address}/readyz")).send().await;
+    assert_eq!(ready.unwrap().status(), 503);
+
+    let _cluster = RedisCluster::start_on(ports).await;
+    eventually("a 200 once the cluster is up", || async {
+        (ensure("later").await.ok()?.status() == 200).then_some(())
+    })
+    .await;
     stop.cancel();
     running.await.unwrap().unwrap();
 }
