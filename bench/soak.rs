@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ensure_user::http::auth::mint_token;
+use ensure_user::queue::dead_letters::now_millis;
 use ensure_user::queue::{parse_entries, RawEntry};
 use redis::aio::MultiplexedConnection;
 use tokio::task::JoinHandle;
@@ -50,6 +51,9 @@ const ENGINE_STREAM: &str = "stream:exness";
 const CLIENTS: usize = 64;
 const FIRST_KILL: Duration = Duration::from_millis(7_500);
 const KILL_EVERY: Duration = Duration::from_secs(15);
+/// How far a publication may come before a kill's recorded time and still be its victim
+/// (the kill is recorded just after the signal).
+const KILL_SLACK_MS: u64 = 50;
 const ENGINE_OUTAGE: Duration = Duration::from_secs(10);
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -192,7 +196,7 @@ async fn run_phase(spec: &PhaseSpec, args: &Args, bin: &Path, dir: &Path) -> Res
     let drain = wait_drained(&stack.queue.url()).await;
     let problems = stack.stop_services().await;
     let evidence = Evidence::gather(&stack).await?;
-    let (tally, lost_examples) = tally(spec.label, &attempts, &evidence, chaos.kills);
+    let (tally, lost_examples) = tally(spec.label, &attempts, &evidence, &chaos.kill_times);
     Ok(PhaseReport {
         tally,
         lost_examples,
@@ -594,6 +598,8 @@ fn schedule(length: Duration, services: usize) -> Vec<(Duration, Action)> {
 /// What the chaos did: the kills (service processes and Redis) it counted.
 struct Chaos {
     kills: u64,
+    /// Wall-clock milliseconds of each kill, to tell which duplicates a kill explains.
+    kill_times: Vec<u64>,
 }
 
 /// Runs the schedule from `started`; every restart waits until the process answers.
@@ -602,7 +608,10 @@ async fn run_chaos(
     events: &[(Duration, Action)],
     started: Instant,
 ) -> Result<Chaos> {
-    let mut chaos = Chaos { kills: 0 };
+    let mut chaos = Chaos {
+        kills: 0,
+        kill_times: Vec::new(),
+    };
     let mut resume: Option<JoinHandle<Result<Duration>>> = None;
     for &(at, action) in events {
         tokio::time::sleep_until((started + at).into()).await; // the chaos schedule's pace
@@ -610,6 +619,7 @@ async fn run_chaos(
         let line = match action {
             Action::KillService(index) => {
                 chaos.kills += 1;
+                chaos.kill_times.push(now_millis());
                 let service = &mut stack.services[index];
                 service.kill9();
                 let note = format!("restart after SIGKILL at t={:.1}s", t.as_secs_f64());
@@ -623,6 +633,7 @@ async fn run_chaos(
             }
             Action::KillQueue => {
                 chaos.kills += 1;
+                chaos.kill_times.push(now_millis());
                 kill9(&mut stack.queue.child);
                 stack.queue.spawn().await?;
                 format!(
@@ -834,7 +845,8 @@ struct Evidence {
     /// `user_id` → `email`.
     rows: HashMap<String, String>,
     /// `userId` → how many well-formed `createUser` entries name it.
-    created: HashMap<String, u64>,
+    /// Per user, when the Engine's Redis stored each of its `createUser` (entry id ms).
+    created: HashMap<String, Vec<u64>>,
     /// Engine entries that are not a well-formed `createUser` of a soak user.
     malformed: u64,
     dead_letters: Option<u64>,
@@ -875,7 +887,7 @@ fn read_rows(db: &Path) -> Result<HashMap<String, String>> {
 }
 
 /// Reads the whole Engine stream, page by page.
-async fn read_engine(url: &str) -> Result<(HashMap<String, u64>, u64)> {
+async fn read_engine(url: &str) -> Result<(HashMap<String, Vec<u64>>, u64)> {
     let mut conn = redis_conn(url)
         .await
         .context("the Engine's Redis does not answer")?;
@@ -895,7 +907,10 @@ async fn read_engine(url: &str) -> Result<(HashMap<String, u64>, u64)> {
         let entries = parse_entries(&page);
         for entry in &entries {
             match created_user(entry) {
-                Some(user) => *created.entry(user).or_insert(0) += 1,
+                Some(user) => created
+                    .entry(user)
+                    .or_insert_with(Vec::new)
+                    .push(entry.id_millis().unwrap_or(0)),
                 None => malformed += 1,
             }
         }
@@ -916,7 +931,7 @@ fn created_user(entry: &RawEntry) -> Option<String> {
     };
     let json: serde_json::Value = serde_json::from_slice(message).ok()?;
     let user = json.get("userId")?.as_str()?;
-    let well_formed = name == "message"
+    let well_formed = name.as_slice() == b"message"
         && json.as_object()?.len() == 4
         && json.get("function")?.as_str()? == "createUser"
         && json.get("userEmail")?.as_str()? == email_of(user)
@@ -939,6 +954,8 @@ struct Tally {
     lost_no_row: u64,
     lost_no_create: u64,
     duplicated: u64,
+    /// Duplicates with no kill between a user's first and last `createUser`.
+    unexplained: u64,
     kills: u64,
     /// Answers by status, 2xx included.
     statuses: BTreeMap<u16, u64>,
@@ -960,6 +977,7 @@ impl Tally {
         self.lost_no_row += other.lost_no_row;
         self.lost_no_create += other.lost_no_create;
         self.duplicated += other.duplicated;
+        self.unexplained += other.unexplained;
         self.kills += other.kills;
         for (status, n) in &other.statuses {
             *self.statuses.entry(*status).or_insert(0) += n;
@@ -988,6 +1006,11 @@ impl Tally {
             .iter()
             .map(|(why, n)| format!("{why}: {n}"))
             .collect();
+        println!(
+            "  duplicates explained by a kill: {}, not explained: {}",
+            self.duplicated - self.unexplained,
+            self.unexplained
+        );
         println!("  requests sent {}", self.sent);
         println!("  answers by status: {}", or_none(&statuses));
         println!("  not answered: {}", or_none(&failures));
@@ -1023,11 +1046,11 @@ fn tally(
     phase: &str,
     attempts: &[Attempt],
     evidence: &Evidence,
-    kills: u64,
+    kill_times: &[u64],
 ) -> (Tally, Vec<String>) {
     let mut tally = Tally {
         sent: attempts.len() as u64,
-        kills,
+        kills: kill_times.len() as u64,
         malformed: evidence.malformed,
         ..Tally::default()
     };
@@ -1057,8 +1080,22 @@ fn tally(
             }
         }
     }
-    for (user, count) in &evidence.created {
+    for (user, stored_at) in &evidence.created {
+        let count = stored_at.len() as u64;
         tally.duplicated += count - 1;
+        if count > 1 {
+            // A kill explains a copy when it fell between the first publication and the
+            // last: the first went out, the process (or the queue) died before the ack,
+            // and the entry was carried out again after.
+            let first = stored_at.iter().min().copied().unwrap_or(0);
+            let last = stored_at.iter().max().copied().unwrap_or(0);
+            let explained = kill_times
+                .iter()
+                .any(|&t| first <= t + KILL_SLACK_MS && t <= last);
+            if !explained {
+                tally.unexplained += count - 1;
+            }
+        }
         if !accepted.contains(user) {
             tally.unanswered_users += 1;
             tally.unanswered_entries += count;

@@ -123,15 +123,7 @@ async fn a_finisher_that_lost_its_entry_writes_no_status_outcome_or_dead_letter(
     let ctx = app.worker_context();
     let stream = "stream:manual";
     let mut conn = app.queue.conn().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(stream)
-        .arg("ensure-workers")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    app.queue.create_group(stream).await;
     let add = |user: &'static str, request_id: &'static str| {
         let mut conn = conn.clone();
         async move {

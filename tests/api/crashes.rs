@@ -245,15 +245,7 @@ async fn an_entry_delivered_too_often_is_dead_lettered_with_its_history() {
     set(&mut vars, "MAX_DELIVERIES", "3");
     // A consumer that read the entry and kept failing on it, four times, before dying.
     let mut conn = queue.conn().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("stream:ensure-user")
-        .arg("ensure-workers")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    queue.create_group("stream:ensure-user").await;
     let id: String = redis::cmd("XADD")
         .arg("stream:ensure-user")
         .arg("*")

@@ -149,6 +149,20 @@ impl RedisServer {
             .unwrap()
     }
 
+    /// Creates the workers' group on `stream` (and the stream), as a process would.
+    pub async fn create_group(&self, stream: &str) {
+        let mut conn = self.conn().await;
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg("ensure-workers")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+
     /// Every entry of a stream, oldest first.
     pub async fn entries(&self, stream: &str) -> Vec<RawEntry> {
         let mut conn = self.conn().await;
