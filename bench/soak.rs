@@ -612,7 +612,7 @@ async fn run_chaos(
         kills: 0,
         kill_times: Vec::new(),
     };
-    let mut resume: Option<JoinHandle<Result<Duration>>> = None;
+    let mut resume: Option<JoinHandle<Result<()>>> = None;
     for &(at, action) in events {
         tokio::time::sleep_until((started + at).into()).await; // the chaos schedule's pace
         let t = started.elapsed();
@@ -647,16 +647,20 @@ async fn run_chaos(
                 resume = Some(tokio::spawn(async move {
                     tokio::time::sleep(outage).await; // the outage's length
                     send_signal(pid, "CONT")?;
-                    Ok(started.elapsed())
+                    let t = started.elapsed().as_secs_f64();
+                    println!("  t={t:>5.1}s  SIGCONT engine redis-server");
+                    Ok(())
                 }));
-                format!("SIGSTOP engine redis-server for {} s", outage.as_secs_f64())
+                format!(
+                    "SIGSTOP engine redis-server for {:.1} s",
+                    outage.as_secs_f64()
+                )
             }
         };
         println!("  t={:>5.1}s  {line}", t.as_secs_f64());
     }
     if let Some(resume) = resume {
-        let t = resume.await.context("the SIGCONT task failed")??;
-        println!("  t={:>5.1}s  SIGCONT engine redis-server", t.as_secs_f64());
+        resume.await.context("the SIGCONT task failed")??;
     }
     Ok(chaos)
 }
