@@ -76,8 +76,8 @@ struct Decoded {
     request: EnsureRequest,
 }
 
-/// A request stored, with the canonical id its `createUser` carries.
-type Stored = (Decoded, String);
+/// A request stored, with the user as the store keeps it: the pair its `createUser` carries.
+type Stored = (Decoded, NewUser);
 
 /// An entry that will never succeed, with the request when it had one.
 struct Dead {
@@ -131,7 +131,10 @@ impl WorkerContext {
             Ok(resolutions) => {
                 for (d, resolution) in good.into_iter().zip(resolutions) {
                     match resolution {
-                        Resolution::Stored { canonical_id } => stored.push((d, canonical_id)),
+                        Resolution::Stored {
+                            canonical_id,
+                            email,
+                        } => stored.push((d, NewUser::new(canonical_id, email))),
                         Resolution::Refused { reason } => dead.push(self.dead(d, reason, None)),
                     }
                 }
@@ -204,7 +207,12 @@ impl WorkerContext {
         for (d, canonical) in &done {
             endings.push(Ending {
                 entry_id: &d.entry.id,
-                record: record(&d.request, RequestState::Done, Some(canonical), None),
+                record: record(
+                    &d.request,
+                    RequestState::Done,
+                    Some(&canonical.user_id),
+                    None,
+                ),
                 dead_letter: Vec::new(),
             });
         }
@@ -242,13 +250,15 @@ impl WorkerContext {
                 continue;
             }
             report.done += 1;
-            tracing::debug!(request_id = %d.request.request_id, user_id = %d.request.user_id, canonical_id = %canonical, "ensured");
+            tracing::debug!(request_id = %d.request.request_id, user_id = %d.request.user_id, canonical_id = %canonical.user_id, "ensured");
             metrics::histogram!(telemetry::ENQUEUE_TO_DONE_SECONDS)
                 .record(now.saturating_sub(d.request.enqueued_at_ms) as f64 / 1000.0);
             deliveries.push(Delivery {
                 reply_to: d.request.reply_to,
                 request_id: d.request.request_id,
-                outcome: Outcome::Done { user_id: canonical },
+                outcome: Outcome::Done {
+                    user_id: canonical.user_id,
+                },
             });
         }
         for Dead { letter, request } in dead {
@@ -374,9 +384,10 @@ impl WorkerContext {
         let commands: Vec<EngineCommand> = stored
             .iter()
             .map(|(d, canonical)| {
+                // The store's pair, not the token's: the Engine and the store agree.
                 EngineCommand::create_user(
-                    canonical.clone(),
-                    d.request.email.clone(),
+                    canonical.user_id.clone(),
+                    canonical.email.clone(),
                     d.request.request_id.clone(),
                 )
             })
@@ -465,7 +476,7 @@ impl WorkerContext {
                 .map(|(i, (d, canonical))| {
                     confirm
                         .confirmations
-                        .expect(&d.request.request_id, canonical)
+                        .expect(&d.request.request_id, &canonical.user_id)
                         .map(move |r| (i, r.is_ok()))
                 })
                 .collect();
