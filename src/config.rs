@@ -158,6 +158,8 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// Open connections above which the listener stops accepting until some close.
     pub max_connections: usize,
+    /// Browser origins allowed to call the API; none by default (no CORS headers).
+    pub cors_allowed_origins: crate::http::cors::AllowedOrigins,
     pub log_format: LogFormat,
 }
 
@@ -485,6 +487,10 @@ impl Config {
             )?),
             header_read_timeout: s.millis("HEADER_READ_TIMEOUT_MS", 10_000)?,
             max_connections: s.positive("MAX_CONNECTIONS", 10_000)?,
+            cors_allowed_origins: crate::http::cors::AllowedOrigins::parse(
+                &s.string("CORS_ALLOWED_ORIGINS", ""),
+            )
+            .map_err(|problem| ConfigError::new("CORS_ALLOWED_ORIGINS", problem))?,
             log_format,
         })
     }
@@ -538,6 +544,7 @@ mod tests {
         assert_eq!(c.jwt.leeway_secs, 60);
         assert!(!c.jwt.require_exp);
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert!(!c.cors_allowed_origins.is_enabled());
     }
 
     #[test]
@@ -573,6 +580,14 @@ mod tests {
                 "DATABASE_STATEMENT_TIMEOUT_MS",
             ),
             (&[("JWT_ALGORITHMS", "HS256,none")], "JWT_ALGORITHMS"),
+            (
+                &[("CORS_ALLOWED_ORIGINS", "https://app.example.com/")],
+                "CORS_ALLOWED_ORIGINS",
+            ),
+            (
+                &[("CORS_ALLOWED_ORIGINS", "*,app.example.com")],
+                "CORS_ALLOWED_ORIGINS",
+            ),
             (&[("JWT_ALGORITHMS", "RS256")], "JWT_PUBLIC_KEY_FILE"),
             (
                 &[("JWT_PUBLIC_KEY_FILE", "/nonexistent/key.pem")],
