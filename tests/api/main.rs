@@ -2,6 +2,7 @@
 //! on free ports), a real SQLite file.
 
 mod auth;
+mod browser;
 mod claims;
 mod cluster;
 mod cors;
