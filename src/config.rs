@@ -603,6 +603,45 @@ mod tests {
         }
     }
 
+    /// Every name a setting is read under here, from this file's code (its tests left out):
+    /// each must have its row in the contract's settings table and in the README's.
+    #[test]
+    fn every_setting_is_documented() {
+        let code = include_str!("config.rs")
+            .split("#[cfg(test)]")
+            .next()
+            .unwrap_or_default();
+        // Quoted upper-case names; `HS256` is the one such value that is not a setting.
+        let names: std::collections::BTreeSet<&str> = code
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|s| {
+                s.starts_with(|c: char| c.is_ascii_uppercase())
+                    && s.chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                    && *s != "HS256"
+            })
+            .collect();
+        assert!(
+            names.contains("CORS_ALLOWED_ORIGINS") && names.len() > 30,
+            "{names:?}"
+        );
+        for (doc, text) in [
+            ("docs/contract.md", include_str!("../docs/contract.md")),
+            ("README.md", include_str!("../README.md")),
+        ] {
+            let missing: Vec<_> = names
+                .iter()
+                .filter(|n| !text.contains(&format!("`{n}`")))
+                .collect();
+            assert!(
+                missing.is_empty(),
+                "{doc} does not document {missing:?}: give each a row in its settings table"
+            );
+        }
+    }
+
     #[test]
     fn a_missing_secret_is_refused() {
         let err = Config::from_vars(Vec::<(&str, &str)>::new()).unwrap_err();
