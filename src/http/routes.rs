@@ -228,8 +228,8 @@ fn route_name(path: &str) -> &'static str {
 fn status_label(status: StatusCode) -> &'static str {
     match status.as_u16() {
         200 => "200",
-        204 => "204",
         202 => "202",
+        204 => "204",
         400 => "400",
         401 => "401",
         404 => "404",
