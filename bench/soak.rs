@@ -970,6 +970,7 @@ struct Tally {
     duplicated: u64,
     /// Duplicates with no kill between a user's first and last `createUser`.
     unexplained: u64,
+    unexplained_examples: Vec<String>,
     kills: u64,
     /// Answers by status, 2xx included.
     statuses: BTreeMap<u16, u64>,
@@ -1025,6 +1026,9 @@ impl Tally {
             self.duplicated - self.unexplained,
             self.unexplained
         );
+        for example in &self.unexplained_examples {
+            println!("    not explained: {example}");
+        }
         println!("  requests sent {}", self.sent);
         println!("  answers by status: {}", or_none(&statuses));
         println!("  not answered: {}", or_none(&failures));
@@ -1116,6 +1120,14 @@ fn tally(
                 .any(|&t| first <= t + KILL_SLACK_MS && t <= last);
             if !explained {
                 tally.unexplained += count - 1;
+                if tally.unexplained_examples.len() < 5 {
+                    let mut at = stored_at.clone();
+                    at.sort();
+                    tally.unexplained_examples.push(format!(
+                        "{user} stored at {at:?}; kills at {kill_times:?}; Engine paused {:?}",
+                        chaos.engine_pause
+                    ));
+                }
             }
         }
         if !accepted.contains(user) {

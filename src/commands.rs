@@ -47,8 +47,10 @@ pub async fn run(cli: Cli) -> ExitCode {
 async fn serve(mode: Mode) -> anyhow::Result<()> {
     let config = Config::from_env()?;
     telemetry::init_logging(config.log_format);
+    // Before anything answers: a SIGTERM during the start is a graceful shutdown too.
+    let stop = shutdown_signal();
     let app = Application::build(config, mode).await?;
-    app.run_until_stopped(shutdown_signal()).await
+    app.run_until_stopped(stop).await
 }
 
 async fn engine_stub(drop_replies: u64, from_start: bool, without_ids: bool) -> anyhow::Result<()> {

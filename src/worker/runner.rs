@@ -79,6 +79,7 @@ impl WorkerPool {
                 shards: mine.into_iter().map(ShardState::new).collect(),
                 settings: self.settings.clone(),
                 earlier: None,
+                queue_failed: None,
             };
             tracker.spawn(consumer.run());
         }
@@ -88,6 +89,7 @@ impl WorkerPool {
             shards: Vec::new(),
             settings: self.settings.clone(),
             earlier: Some(Instant::now()),
+            queue_failed: None,
         };
         tracker.spawn(drainer.run());
     }
@@ -120,6 +122,8 @@ struct Consumer {
     settings: PoolSettings,
     /// `Some(next look)` for the drainer of earlier layouts, whose shards change.
     earlier: Option<Instant>,
+    /// When reading the queue last failed.
+    queue_failed: Option<Instant>,
 }
 
 impl Consumer {
@@ -167,6 +171,7 @@ impl Consumer {
                     }
                 }
                 Err(e) => {
+                    self.queue_failed = Some(Instant::now());
                     if e.code() == Some("NOGROUP") {
                         self.shards[turn].group_ready = false;
                     }
@@ -234,9 +239,16 @@ impl Consumer {
             }
             shard.group_ready = true;
         }
-        if shard
-            .last_claim
-            .is_none_or(|t| t.elapsed() >= self.settings.claim_idle / 2)
+        // Right after the queue's Redis was unreachable, every claim looks idle: nobody could
+        // refresh one. Owners that are still alive refresh theirs within a quarter of
+        // CLAIM_IDLE_MS, so re-claiming waits a whole CLAIM_IDLE_MS after the last failure.
+        let settled = self
+            .queue_failed
+            .is_none_or(|t| t.elapsed() >= self.settings.claim_idle);
+        if settled
+            && shard
+                .last_claim
+                .is_none_or(|t| t.elapsed() >= self.settings.claim_idle / 2)
         {
             shard.last_claim = Some(Instant::now());
             let claimed = claim(
