@@ -14,3 +14,4 @@ mod hostile;
 mod http;
 mod processes;
 mod store;
+mod users;
