@@ -113,7 +113,7 @@ pub enum UsersCommand {
     },
     /// Publish one createUser (the stored pair, a fresh request id) per stored user to
     /// ENGINE_STREAM, in user-id order, in pipelined pages: the step after an Engine
-    /// restart. Prints progress (`… published N, last user X`) on stderr and then
+    /// restart. Prints progress (`… published N (R/s), last user X`) on stderr and then
     /// `published N createUser`. Safe to interrupt: resume with `--after` the last user
     /// printed (a page published twice is harmless, createUser is idempotent).
     ///

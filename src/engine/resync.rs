@@ -160,9 +160,10 @@ pub async fn resync(
             last_progress = Instant::now();
             let rate = report.published as f64 / started.elapsed().as_secs_f64();
             // Best effort: a closed stderr must not stop the resync.
+            // The id last: everything after "last user " is the id to resume after.
             let _ = writeln!(
                 progress,
-                "… published {}, last user {} ({rate:.0}/s)",
+                "… published {} ({rate:.0}/s), last user {}",
                 report.published,
                 report.last.as_deref().unwrap_or_default()
             );
