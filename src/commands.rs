@@ -93,12 +93,7 @@ async fn users(command: UsersCommand) -> anyhow::Result<()> {
     let settings = StoreSettings::from_env()?;
     // Retries are logged (a store or Redis that is down); the results go to stdout.
     telemetry::init_logging(crate::config::LogFormat::Text);
-    let stop = tokio_util::sync::CancellationToken::new();
-    let stopping = stop.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        stopping.cancel();
-    });
+    let stop = stop_on_signal()?;
     match command {
         UsersCommand::Import {
             path,
@@ -189,6 +184,33 @@ async fn users(command: UsersCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A token cancelled by SIGINT or SIGTERM. The handlers are installed before this returns,
+/// not when a task first runs: a signal that comes early must stop the work between two
+/// batches, never kill the process in the middle of one.
+fn stop_on_signal() -> anyhow::Result<tokio_util::sync::CancellationToken> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stopping = stop.clone();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            stopping.cancel();
+        });
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stopping.cancel();
+    });
+    Ok(stop)
 }
 
 fn token(user_id: &str, email: &str, ttl: Option<u64>) -> anyhow::Result<()> {

@@ -381,3 +381,93 @@ async fn resync_keeps_to_its_rate() {
     );
     assert_eq!(engine.entries("stream:engine-of-test").await.len(), 5);
 }
+
+#[tokio::test]
+async fn an_interrupted_resync_says_where_to_resume_and_resuming_publishes_the_rest() {
+    let engine = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let mut vars = sqlite_vars(&db);
+    let csv: String = std::iter::once("userId,email\n".to_string())
+        .chain((0..5).map(|i| format!("i{i},i{i}@x.com\n")))
+        .collect();
+    stdout(&run_cli_with_stdin(
+        &["users", "import", "-"],
+        &vars,
+        csv.as_bytes(),
+    ));
+    vars.push(("ENGINE_REDIS_URL".to_string(), engine.url()));
+
+    // One per second: after the first page it waits, and SIGINT ends the wait.
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ensure-user"))
+        .args(["users", "resync-engine", "--rate", "1"])
+        .env_clear()
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the first createUser", || async {
+        (!engine.entries("stream:exness").await.is_empty()).then_some(())
+    })
+    .await;
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(1), "interrupted is not finished");
+    let published = engine.entries("stream:exness").await.len();
+    assert!((1..5).contains(&published), "{published}");
+    assert_eq!(
+        String::from_utf8(output.stdout).unwrap(),
+        format!("published {published} createUser\n")
+    );
+    let last = format!("i{}", published - 1);
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains(&format!("resume with --after '{last}'")),
+        "{stderr}"
+    );
+
+    let rest = run_cli(&["users", "resync-engine", "--after", &last], &vars);
+    assert_eq!(rest, format!("published {} createUser\n", 5 - published));
+    let users: Vec<String> = engine
+        .entries("stream:exness")
+        .await
+        .iter()
+        .map(|e| {
+            let message: serde_json::Value = serde_json::from_str(&engine_message(e)).unwrap();
+            message["userId"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(users, ["i0", "i1", "i2", "i3", "i4"]);
+}
+
+#[tokio::test]
+async fn rows_the_database_refuses_are_listed_with_its_reason() {
+    let db = TestDb::sqlite();
+    let TestDb::Sqlite(dir) = &db else {
+        unreachable!()
+    };
+    let vars = sqlite_vars(&dir.path().join("users.db"));
+    // The first import creates the table the trigger goes on.
+    stdout(&run_cli_with_stdin(
+        &["users", "import", "-"],
+        &vars,
+        b"userId,email\n",
+    ));
+    db.refuse("bad").await;
+    let out = stdout(&run_cli_with_stdin(
+        &["users", "import", "-"],
+        &vars,
+        b"userId,email\ngood,g@x.com\nbad,b@x.com\n",
+    ));
+    assert_eq!(
+        out,
+        "line 3: SQLite refused the row: refused by the test\n\
+         users in the store: 0 before, 1 after\n\
+         imported 2: stored 1, resolved to owner 0, refused 1\n"
+    );
+}
