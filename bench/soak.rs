@@ -54,6 +54,9 @@ const KILL_EVERY: Duration = Duration::from_secs(15);
 /// How far a publication may come before a kill's recorded time and still be its victim
 /// (the kill is recorded just after the signal).
 const KILL_SLACK_MS: u64 = 50;
+/// How long after SIGCONT the Engine's Redis may still be running what was sent while it
+/// was paused.
+const PAUSE_WAKE_MS: u64 = 2_000;
 const ENGINE_OUTAGE: Duration = Duration::from_secs(10);
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -196,7 +199,7 @@ async fn run_phase(spec: &PhaseSpec, args: &Args, bin: &Path, dir: &Path) -> Res
     let drain = wait_drained(&stack.queue.url()).await;
     let problems = stack.stop_services().await;
     let evidence = Evidence::gather(&stack).await?;
-    let (tally, lost_examples) = tally(spec.label, &attempts, &evidence, &chaos.kill_times);
+    let (tally, lost_examples) = tally(spec.label, &attempts, &evidence, &chaos);
     Ok(PhaseReport {
         tally,
         lost_examples,
@@ -600,6 +603,8 @@ struct Chaos {
     kills: u64,
     /// Wall-clock milliseconds of each kill, to tell which duplicates a kill explains.
     kill_times: Vec<u64>,
+    /// Wall-clock milliseconds of the Engine's pause: `(SIGSTOP, SIGCONT)`.
+    engine_pause: Option<(u64, u64)>,
 }
 
 /// Runs the schedule from `started`; every restart waits until the process answers.
@@ -611,8 +616,10 @@ async fn run_chaos(
     let mut chaos = Chaos {
         kills: 0,
         kill_times: Vec::new(),
+        engine_pause: None,
     };
-    let mut resume: Option<JoinHandle<Result<()>>> = None;
+    let mut resume: Option<JoinHandle<Result<u64>>> = None;
+    let mut paused_at = 0;
     for &(at, action) in events {
         tokio::time::sleep_until((started + at).into()).await; // the chaos schedule's pace
         let t = started.elapsed();
@@ -644,12 +651,14 @@ async fn run_chaos(
             Action::PauseEngine(outage) => {
                 let pid = stack.engine.pid()?;
                 send_signal(pid, "STOP")?;
+                paused_at = now_millis();
                 resume = Some(tokio::spawn(async move {
                     tokio::time::sleep(outage).await; // the outage's length
                     send_signal(pid, "CONT")?;
+                    let resumed_at = now_millis();
                     let t = started.elapsed().as_secs_f64();
                     println!("  t={t:>5.1}s  SIGCONT engine redis-server");
-                    Ok(())
+                    Ok(resumed_at)
                 }));
                 format!(
                     "SIGSTOP engine redis-server for {:.1} s",
@@ -660,7 +669,8 @@ async fn run_chaos(
         println!("  t={:>5.1}s  {line}", t.as_secs_f64());
     }
     if let Some(resume) = resume {
-        resume.await.context("the SIGCONT task failed")??;
+        let resumed_at = resume.await.context("the SIGCONT task failed")??;
+        chaos.engine_pause = Some((paused_at, resumed_at));
     }
     Ok(chaos)
 }
@@ -1050,8 +1060,9 @@ fn tally(
     phase: &str,
     attempts: &[Attempt],
     evidence: &Evidence,
-    kill_times: &[u64],
+    chaos: &Chaos,
 ) -> (Tally, Vec<String>) {
+    let kill_times = &chaos.kill_times;
     let mut tally = Tally {
         sent: attempts.len() as u64,
         kills: kill_times.len() as u64,
@@ -1091,8 +1102,15 @@ fn tally(
             // A kill explains a copy when it fell between the first publication and the
             // last: the first went out, the process (or the queue) died before the ack,
             // and the entry was carried out again after.
-            let first = stored_at.iter().min().copied().unwrap_or(0);
+            let mut first = stored_at.iter().min().copied().unwrap_or(0);
             let last = stored_at.iter().max().copied().unwrap_or(0);
+            // A command stored as the Engine's Redis woke up was sent at some point of its
+            // pause: a kill during the pause may have left it behind.
+            if let Some((paused, resumed)) = chaos.engine_pause {
+                if first >= resumed && first <= resumed + PAUSE_WAKE_MS {
+                    first = paused;
+                }
+            }
             let explained = kill_times
                 .iter()
                 .any(|&t| first <= t + KILL_SLACK_MS && t <= last);

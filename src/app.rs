@@ -166,6 +166,7 @@ impl Application {
             readiness,
             backlog: Arc::default(),
             max_backlog: config.queue_max_backlog,
+            cors: config.cors_allowed_origins.clone(),
             shutdown: shutdown.clone(),
         });
         Ok(Self {

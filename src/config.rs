@@ -206,6 +206,8 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// Open connections above which the listener stops accepting until some close.
     pub max_connections: usize,
+    /// Browser origins allowed to call the API; none by default (no CORS headers).
+    pub cors_allowed_origins: crate::http::cors::AllowedOrigins,
     pub log_format: LogFormat,
 }
 
@@ -559,6 +561,10 @@ impl Config {
             )?),
             header_read_timeout: s.millis("HEADER_READ_TIMEOUT_MS", 10_000)?,
             max_connections: s.positive("MAX_CONNECTIONS", 10_000)?,
+            cors_allowed_origins: crate::http::cors::AllowedOrigins::parse(
+                &s.string("CORS_ALLOWED_ORIGINS", ""),
+            )
+            .map_err(|problem| ConfigError::new("CORS_ALLOWED_ORIGINS", problem))?,
             log_format,
         })
     }
@@ -612,6 +618,7 @@ mod tests {
         assert_eq!(c.jwt.leeway_secs, 60);
         assert!(!c.jwt.require_exp);
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert!(!c.cors_allowed_origins.is_enabled());
     }
 
     #[test]
@@ -647,6 +654,14 @@ mod tests {
                 "DATABASE_STATEMENT_TIMEOUT_MS",
             ),
             (&[("JWT_ALGORITHMS", "HS256,none")], "JWT_ALGORITHMS"),
+            (
+                &[("CORS_ALLOWED_ORIGINS", "https://app.example.com/")],
+                "CORS_ALLOWED_ORIGINS",
+            ),
+            (
+                &[("CORS_ALLOWED_ORIGINS", "*,app.example.com")],
+                "CORS_ALLOWED_ORIGINS",
+            ),
             (&[("JWT_ALGORITHMS", "RS256")], "JWT_PUBLIC_KEY_FILE"),
             (
                 &[("JWT_PUBLIC_KEY_FILE", "/nonexistent/key.pem")],
@@ -659,6 +674,45 @@ mod tests {
             assert!(err
                 .to_string()
                 .starts_with(&format!("configuration error: {setting}: ")));
+        }
+    }
+
+    /// Every name a setting is read under here, from this file's code (its tests left out):
+    /// each must have its row in the contract's settings table and in the README's.
+    #[test]
+    fn every_setting_is_documented() {
+        let code = include_str!("config.rs")
+            .split("#[cfg(test)]")
+            .next()
+            .unwrap_or_default();
+        // Quoted upper-case names; `HS256` is the one such value that is not a setting.
+        let names: std::collections::BTreeSet<&str> = code
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|s| {
+                s.starts_with(|c: char| c.is_ascii_uppercase())
+                    && s.chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                    && *s != "HS256"
+            })
+            .collect();
+        assert!(
+            names.contains("CORS_ALLOWED_ORIGINS") && names.len() > 30,
+            "{names:?}"
+        );
+        for (doc, text) in [
+            ("docs/contract.md", include_str!("../docs/contract.md")),
+            ("README.md", include_str!("../README.md")),
+        ] {
+            let missing: Vec<_> = names
+                .iter()
+                .filter(|n| !text.contains(&format!("`{n}`")))
+                .collect();
+            assert!(
+                missing.is_empty(),
+                "{doc} does not document {missing:?}: give each a row in its settings table"
+            );
         }
     }
 

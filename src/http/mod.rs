@@ -3,9 +3,11 @@
 //! - [`listener`]: accept loop, connection limits, graceful drain;
 //! - [`routes`]: dispatch, the ensure flow, health and readiness;
 //! - [`auth`]: `Authorization: Bearer` → verified identity;
+//! - [`cors`]: which browser origins may call the API, and the CORS headers;
 //! - [`responses`]: every JSON body the service sends, and the one error → answer mapping.
 
 pub mod auth;
+pub mod cors;
 pub mod listener;
 pub mod responses;
 pub mod routes;

@@ -98,6 +98,13 @@ pub fn json<T: Serialize>(status: StatusCode, body: &T) -> HttpResponse {
     r
 }
 
+/// An answer without a body (a CORS preflight's 204).
+pub fn empty(status: StatusCode) -> HttpResponse {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = status;
+    r
+}
+
 #[derive(Serialize)]
 struct ErrorBody<'a> {
     error: &'a str,

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::auth::Authenticator;
+use super::cors::AllowedOrigins;
 use super::responses::{self, ApiError, HttpResponse};
 use crate::queue::dead_letters::now_millis;
 use crate::queue::ingress::{EnsureRequest, Ingress};
@@ -161,6 +162,8 @@ pub struct ApiState {
     /// Unacknowledged entries, as last sampled by the [`crate::queue::monitor::QueueMonitor`].
     pub backlog: Arc<crate::queue::monitor::Backlog>,
     pub max_backlog: u64,
+    /// Browser origins allowed to call the API (`CORS_ALLOWED_ORIGINS`).
+    pub cors: AllowedOrigins,
     pub shutdown: CancellationToken,
 }
 
@@ -177,10 +180,16 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> HttpRespons
         user_id = tracing::field::Empty,
         request_id = tracing::field::Empty
     );
-    let response = match dispatch(&state, req).instrument(span.clone()).await {
+    // Only the headers CORS looks at are kept, and only when CORS is on: the hot path
+    // without it copies nothing.
+    let cors_headers = state.cors.is_enabled().then(|| cors_request_headers(&req));
+    let mut response = match dispatch(&state, req).instrument(span.clone()).await {
         Ok(r) => r,
         Err(e) => e.to_response(),
     };
+    if let Some(headers) = &cors_headers {
+        state.cors.decorate(headers, &mut response);
+    }
     let status = response.status();
     span.in_scope(|| tracing::debug!(status = status.as_u16(), "answered"));
     metrics::counter!(telemetry::HTTP_REQUESTS, "route" => route, "status" => status_label(status))
@@ -188,6 +197,22 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> HttpRespons
     metrics::histogram!(telemetry::HTTP_DURATION_SECONDS, "route" => route)
         .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// The request headers a CORS answer depends on.
+fn cors_request_headers(req: &Request<Incoming>) -> hyper::HeaderMap {
+    use hyper::header::{ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD, ORIGIN};
+    let mut kept = hyper::HeaderMap::new();
+    for name in [
+        ORIGIN,
+        ACCESS_CONTROL_REQUEST_METHOD,
+        ACCESS_CONTROL_REQUEST_HEADERS,
+    ] {
+        if let Some(value) = req.headers().get(&name) {
+            kept.insert(name, value.clone());
+        }
+    }
+    kept
 }
 
 fn route_name(path: &str) -> &'static str {
@@ -204,6 +229,7 @@ fn status_label(status: StatusCode) -> &'static str {
     match status.as_u16() {
         200 => "200",
         202 => "202",
+        204 => "204",
         400 => "400",
         401 => "401",
         404 => "404",
@@ -217,7 +243,15 @@ fn status_label(status: StatusCode) -> &'static str {
 
 async fn dispatch(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
     let method = req.method().clone();
-    match (route_name(req.uri().path()), method) {
+    let route = route_name(req.uri().path());
+    if matches!(route, "ensure" | "request_status") {
+        // A preflight from an origin not allowed (or with CORS off) is routed on, and gets
+        // the 405 any OPTIONS got before CORS: its browser refuses that answer.
+        if let Some(preflight) = state.cors.preflight(&method, req.headers()) {
+            return Ok(preflight);
+        }
+    }
+    match (route, method) {
         ("ensure", Method::POST) => ensure(state, req).await,
         ("ensure", _) => Err(ApiError::MethodNotAllowed { allow: "POST" }),
         ("healthz", Method::GET | Method::HEAD) => Ok(responses::healthy()),

@@ -142,17 +142,20 @@ impl NewUser {
 /// What the store made of one [`NewUser`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolution {
-    /// The user exists now; `canonical_id` owns the email (it differs from the requested id
-    /// when the email already belonged to someone else).
-    Stored { canonical_id: String },
+    /// The user exists now as the store keeps it: `canonical_id` owns the email (it differs
+    /// from the requested id when the email already belonged to someone else), and
+    /// `email` is the one kept for it (it differs from the requested email when the id was
+    /// stored with another one first). The Engine is told this pair, never the token's.
+    Stored { canonical_id: String, email: String },
     /// This row can never be stored (e.g. the database refuses its values).
     Refused { reason: String },
 }
 
 impl Resolution {
-    pub fn stored(canonical_id: impl Into<String>) -> Self {
+    pub fn stored(canonical_id: impl Into<String>, email: impl Into<String>) -> Self {
         Resolution::Stored {
             canonical_id: canonical_id.into(),
+            email: email.into(),
         }
     }
 }

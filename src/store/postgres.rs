@@ -33,7 +33,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 const TOUCH_BY_ID: &str =
-    "UPDATE users SET last_ensured_at = now() WHERE user_id = ANY($1) RETURNING user_id";
+    "UPDATE users SET last_ensured_at = now() WHERE user_id = ANY($1) RETURNING user_id, email";
 const INSERT: &str = "INSERT INTO users (user_id, email)
      SELECT u, e FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(u, e, n) ORDER BY n
      ON CONFLICT DO NOTHING RETURNING user_id";
@@ -187,7 +187,7 @@ impl PostgresStore {
         &self,
         client: &mut deadpool_postgres::Client,
         users: &[NewUser],
-    ) -> Result<Result<Vec<Option<String>>, tokio_postgres::Error>, Unanswered> {
+    ) -> Result<Result<Vec<Option<(String, String)>>, tokio_postgres::Error>, Unanswered> {
         tokio::time::timeout(self.answer_limit, upsert_batch(client, users))
             .await
             .map_err(|_| Unanswered)
@@ -243,7 +243,7 @@ impl PostgresStore {
 /// Every row stored, or a retryable failure for the batch. A row neither stored nor
 /// refused by the database was only in the way of concurrent writers: it may well be stored
 /// next time, so it must not become a dead letter (a `Refused` would make it one).
-fn stored_or_retry(rows: Vec<Option<String>>) -> Result<Vec<Resolution>, StoreError> {
+fn stored_or_retry(rows: Vec<Option<(String, String)>>) -> Result<Vec<Resolution>, StoreError> {
     let unresolved = rows.iter().filter(|r| r.is_none()).count();
     if unresolved > 0 {
         return Err(StoreError::Transient(format!(
@@ -252,17 +252,22 @@ fn stored_or_retry(rows: Vec<Option<String>>) -> Result<Vec<Resolution>, StoreEr
             rows.len()
         )));
     }
-    Ok(rows.into_iter().flatten().map(Resolution::stored).collect())
+    Ok(rows
+        .into_iter()
+        .flatten()
+        .map(|(id, email)| Resolution::stored(id, email))
+        .collect())
 }
 
 /// One transaction of at most three rounds; per user, in order, the id that owns its email
-/// now, or `None` when concurrent transactions kept it unresolved through every round.
+/// now with the email kept for it, or `None` when concurrent transactions kept it
+/// unresolved through every round.
 async fn upsert_batch(
     client: &mut deadpool_postgres::Client,
     users: &[NewUser],
-) -> Result<Vec<Option<String>>, tokio_postgres::Error> {
+) -> Result<Vec<Option<(String, String)>>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    let mut resolved: Vec<Option<String>> = vec![None; users.len()];
+    let mut resolved: Vec<Option<(String, String)>> = vec![None; users.len()];
     for _round in 0..3 {
         let open: Vec<usize> = (0..users.len())
             .filter(|&i| resolved[i].is_none())
@@ -271,17 +276,18 @@ async fn upsert_batch(
             break;
         }
         let ids: Vec<&str> = open.iter().map(|&i| users[i].user_id.as_str()).collect();
-        let existing: HashSet<String> = tx
+        let existing: HashMap<String, String> = tx
             .query(TOUCH_BY_ID, &[&ids])
             .await?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| (r.get(0), r.get(1)))
             .collect();
         let mut fresh_ids = Vec::new();
         let mut fresh_emails = Vec::new();
         for &i in &open {
-            if existing.contains(&users[i].user_id) {
-                resolved[i] = Some(users[i].user_id.clone());
+            // An existing user keeps the email it was stored with.
+            if let Some(email) = existing.get(&users[i].user_id) {
+                resolved[i] = Some((users[i].user_id.clone(), email.clone()));
             } else {
                 fresh_ids.push(users[i].user_id.as_str());
                 fresh_emails.push(users[i].email.as_str());
@@ -296,7 +302,7 @@ async fn upsert_batch(
                 .collect();
             for &i in &open {
                 if resolved[i].is_none() && inserted.contains(&users[i].user_id) {
-                    resolved[i] = Some(users[i].user_id.clone());
+                    resolved[i] = Some((users[i].user_id.clone(), users[i].email.clone()));
                 }
             }
         }
@@ -314,7 +320,10 @@ async fn upsert_batch(
                 .collect();
             for &i in &open {
                 if resolved[i].is_none() {
-                    resolved[i] = owners.get(&users[i].email).cloned();
+                    let email = &users[i].email;
+                    resolved[i] = owners
+                        .get(email)
+                        .map(|owner| (owner.clone(), email.clone()));
                 }
             }
         }
@@ -371,11 +380,15 @@ mod tests {
 
     #[test]
     fn a_row_left_unresolved_fails_the_batch_retryably_and_is_never_refused() {
-        let err = stored_or_retry(vec![Some("u1".into()), None]).unwrap_err();
+        let u1 = || Some(("u1".to_string(), "u1@x".to_string()));
+        let err = stored_or_retry(vec![u1(), None]).unwrap_err();
         assert!(err.is_retryable(), "{err}");
         assert_eq!(
-            stored_or_retry(vec![Some("u1".into()), Some("u1".into())]).unwrap(),
-            vec![Resolution::stored("u1"), Resolution::stored("u1")]
+            stored_or_retry(vec![u1(), u1()]).unwrap(),
+            vec![
+                Resolution::stored("u1", "u1@x"),
+                Resolution::stored("u1", "u1@x")
+            ]
         );
     }
 }

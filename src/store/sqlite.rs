@@ -26,11 +26,11 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 const TOUCH_BY_ID: &str = "UPDATE users SET last_ensured_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-     WHERE user_id = ?1";
+     WHERE user_id = ?1 RETURNING email";
 const INSERT: &str = "INSERT INTO users (user_id, email) VALUES (?1, ?2) ON CONFLICT DO NOTHING";
 const TOUCH_BY_EMAIL: &str =
     "UPDATE users SET last_ensured_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-     WHERE email = ?1 RETURNING user_id";
+     WHERE email = ?1 RETURNING user_id, email";
 
 /// Busy, locked, out of disk or memory, an I/O hiccup: the same work may succeed later.
 fn is_transient(e: &rusqlite::Error) -> bool {
@@ -318,23 +318,23 @@ fn upsert_group(
             let mut batch = Vec::with_capacity(users.len());
             for user in users {
                 let resolved = (|| -> rusqlite::Result<Resolution> {
-                    // The user exists already: the common case of a returning user.
-                    if touch_by_id.execute([&user.user_id])? == 1 {
-                        return Ok(Resolution::Stored {
-                            canonical_id: user.user_id.clone(),
-                        });
+                    // The user exists already: the common case of a returning user. It
+                    // keeps the email it was stored with.
+                    let kept: Option<String> = touch_by_id
+                        .query_row([&user.user_id], |r| r.get(0))
+                        .optional()?;
+                    if let Some(email) = kept {
+                        return Ok(Resolution::stored(&user.user_id, email));
                     }
                     if insert.execute([&user.user_id, &user.email])? == 1 {
-                        return Ok(Resolution::Stored {
-                            canonical_id: user.user_id.clone(),
-                        });
+                        return Ok(Resolution::stored(&user.user_id, &user.email));
                     }
                     // The email belongs to another user id: that owner is the user.
-                    let owner: Option<String> = touch_by_email
-                        .query_row([&user.email], |r| r.get(0))
+                    let owner: Option<(String, String)> = touch_by_email
+                        .query_row([&user.email], |r| Ok((r.get(0)?, r.get(1)?)))
                         .optional()?;
                     Ok(match owner {
-                        Some(canonical_id) => Resolution::Stored { canonical_id },
+                        Some((canonical_id, email)) => Resolution::stored(canonical_id, email),
                         None => Resolution::Refused {
                             reason: "neither the user id nor the email could be stored".into(),
                         },
@@ -371,8 +371,8 @@ mod tests {
         NewUser::new(id, email)
     }
 
-    fn stored(id: &str) -> Resolution {
-        Resolution::stored(id)
+    fn stored(id: &str, email: &str) -> Resolution {
+        Resolution::stored(id, email)
     }
 
     #[tokio::test]
@@ -392,11 +392,11 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                stored("u1"),
-                stored("u1"),
-                stored("u1"),
-                stored("u1"),
-                stored("u3")
+                stored("u1", "a@x"),
+                stored("u1", "a@x"),
+                stored("u1", "a@x"),
+                stored("u1", "a@x"),
+                stored("u3", "c@x")
             ]
         );
         let conn = Connection::open(&path).unwrap();

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::retry::{JobError, RetryPolicy, StepError};
 use crate::engine::confirm::Confirmations;
+use crate::engine::publisher::PublishError;
 use crate::engine::{EngineCommand, EnginePublisher};
 use crate::queue::dead_letters::{now_millis, DeadLetter};
 use crate::queue::ingress::EnsureRequest;
@@ -75,8 +76,8 @@ struct Decoded {
     request: EnsureRequest,
 }
 
-/// A request stored, with the canonical id its `createUser` carries.
-type Stored = (Decoded, String);
+/// A request stored, with the user as the store keeps it: the pair its `createUser` carries.
+type Stored = (Decoded, NewUser);
 
 /// An entry that will never succeed, with the request when it had one.
 struct Dead {
@@ -130,7 +131,10 @@ impl WorkerContext {
             Ok(resolutions) => {
                 for (d, resolution) in good.into_iter().zip(resolutions) {
                     match resolution {
-                        Resolution::Stored { canonical_id } => stored.push((d, canonical_id)),
+                        Resolution::Stored {
+                            canonical_id,
+                            email,
+                        } => stored.push((d, NewUser::new(canonical_id, email))),
                         Resolution::Refused { reason } => dead.push(self.dead(d, reason, None)),
                     }
                 }
@@ -203,7 +207,12 @@ impl WorkerContext {
         for (d, canonical) in &done {
             endings.push(Ending {
                 entry_id: &d.entry.id,
-                record: record(&d.request, RequestState::Done, Some(canonical), None),
+                record: record(
+                    &d.request,
+                    RequestState::Done,
+                    Some(&canonical.user_id),
+                    None,
+                ),
                 dead_letter: Vec::new(),
             });
         }
@@ -241,13 +250,15 @@ impl WorkerContext {
                 continue;
             }
             report.done += 1;
-            tracing::debug!(request_id = %d.request.request_id, user_id = %d.request.user_id, canonical_id = %canonical, "ensured");
+            tracing::debug!(request_id = %d.request.request_id, user_id = %d.request.user_id, canonical_id = %canonical.user_id, "ensured");
             metrics::histogram!(telemetry::ENQUEUE_TO_DONE_SECONDS)
                 .record(now.saturating_sub(d.request.enqueued_at_ms) as f64 / 1000.0);
             deliveries.push(Delivery {
                 reply_to: d.request.reply_to,
                 request_id: d.request.request_id,
-                outcome: Outcome::Done { user_id: canonical },
+                outcome: Outcome::Done {
+                    user_id: canonical.user_id,
+                },
             });
         }
         for Dead { letter, request } in dead {
@@ -373,14 +384,22 @@ impl WorkerContext {
         let commands: Vec<EngineCommand> = stored
             .iter()
             .map(|(d, canonical)| {
+                // The store's pair, not the token's: the Engine and the store agree.
                 EngineCommand::create_user(
-                    canonical.clone(),
-                    d.request.email.clone(),
+                    canonical.user_id.clone(),
+                    canonical.email.clone(),
                     d.request.request_id.clone(),
                 )
             })
             .collect();
-        self.retry
+        // Once an attempt failed, its commands may have been carried out all the same: each
+        // later attempt first looks for them on the stream, and publishes only the others.
+        let first_attempt_ms = now_millis();
+        let failed_before = &std::sync::atomic::AtomicBool::new(false);
+        let sent: std::sync::Mutex<HashSet<String>> = Default::default();
+        let sent = &sent;
+        let result = self
+            .retry
             .run("engine", &self.shutdown, || async {
                 // An entry another consumer took over is published by that consumer.
                 let (live, in_flight): (Vec<&EngineCommand>, Vec<&Decoded>) = stored
@@ -389,19 +408,46 @@ impl WorkerContext {
                     .filter(|((d, _), _)| !lease.is_lost(&d.entry.id))
                     .map(|((d, _), c)| (c, d))
                     .unzip();
-                let t = Instant::now();
-                let result = self.engine.publish(&live).await;
-                if let Err(e) = result {
+                let in_flight = &in_flight;
+                let fail = |e: PublishError| async move {
+                    failed_before.store(true, std::sync::atomic::Ordering::Relaxed);
                     metrics::counter!(telemetry::ENGINE_PUBLISH_FAILURES).increment(1);
-                    self.note_failure(lease, "engine", &in_flight, &e.to_string())
+                    self.note_failure(lease, "engine", in_flight, &e.to_string())
                         .await;
-                    return Err(StepError::Retryable(e.to_string()));
+                    Err(StepError::Retryable(e.to_string()))
+                };
+                if failed_before.load(std::sync::atomic::Ordering::Relaxed) {
+                    let ids: HashSet<&str> = live.iter().map(|c| c.request_id.as_str()).collect();
+                    // Allow for the Engine's Redis clock running up to a minute behind.
+                    let since = first_attempt_ms.saturating_sub(60_000);
+                    match self.engine.published_since(since, &ids).await {
+                        Ok(found) => lock(sent).extend(found),
+                        Err(e) => return fail(e).await,
+                    }
+                }
+                let live: Vec<&EngineCommand> = {
+                    let sent = lock(sent);
+                    live.into_iter()
+                        .filter(|c| !sent.contains(&c.request_id))
+                        .collect()
+                };
+                let t = Instant::now();
+                if let Err(e) = self.engine.publish(&live).await {
+                    return fail(e).await;
                 }
                 metrics::histogram!(telemetry::ENGINE_PUBLISH_SECONDS)
                     .record(t.elapsed().as_secs_f64());
                 Ok(())
             })
-            .await
+            .await;
+        let skipped = lock(sent).len();
+        if skipped > 0 {
+            tracing::info!(
+                count = skipped,
+                "commands found on the Engine stream after a failed publication; not published again"
+            );
+        }
+        result
     }
 
     /// Acknowledgement mode: publishes the commands and finishes each one as soon as the
@@ -430,7 +476,7 @@ impl WorkerContext {
                 .map(|(i, (d, canonical))| {
                     confirm
                         .confirmations
-                        .expect(&d.request.request_id, canonical)
+                        .expect(&d.request.request_id, &canonical.user_id)
                         .map(move |r| (i, r.is_ok()))
                 })
                 .collect();
@@ -532,6 +578,10 @@ impl WorkerContext {
         let _ =
             tokio::time::timeout(Duration::from_secs(1), pipe.query_async::<()>(&mut conn)).await;
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A small fixed set of dead-letter reasons, for metric labels.

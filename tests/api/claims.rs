@@ -463,3 +463,44 @@ async fn ack_mode_shows_retrying_engine_unconfirmed_while_it_republishes() {
     assert_eq!(record["lastError"], "engine_unconfirmed");
     app.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_engine_redis_frozen_mid_publication_gets_each_command_once() {
+    let app = spawn_app_with(|v| {
+        set(v, "ENSURE_WAIT_MS", "0");
+        set(v, "RETRY_MAX_MS", "100");
+    })
+    .await;
+    // A connection to the Engine's Redis exists (one request went through)...
+    let mut request_ids = ensure_many(&app, "warm", 1).await;
+    app.wait_for_engine_entries(1).await;
+    // ...when it freezes: the XADDs sent meanwhile wait in its socket and run when it wakes.
+    app.engine.freeze();
+    request_ids.extend(ensure_many(&app, "frozen", 5).await);
+    let conn = app.queue.conn().await;
+    eventually("publications to have failed a few times", || {
+        let mut conn = conn.clone();
+        async move {
+            let history: BTreeMap<String, String> = redis::cmd("HGETALL")
+                .arg(StatusKeys::failures_key("stream:ensure-user"))
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            let firsts: Vec<u64> = history
+                .iter()
+                .filter(|(k, _)| k.ends_with(":first"))
+                .filter_map(|(_, v)| v.parse().ok())
+                .collect();
+            // Each publication waits 2 s for its answer: two of them failed by now.
+            let oldest_first = firsts.iter().min()?;
+            (now_millis() - oldest_first >= 2500).then_some(())
+        }
+    })
+    .await;
+    app.engine.thaw();
+    app.wait_until_queue_is_empty().await;
+    let published = commands_by_request(&app).await;
+    let expected: BTreeMap<String, usize> = request_ids.iter().map(|id| (id.clone(), 1)).collect();
+    assert_eq!(published, expected, "one createUser per request");
+    app.shutdown().await.unwrap();
+}

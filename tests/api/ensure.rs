@@ -232,3 +232,54 @@ async fn concurrent_ensures_of_one_user_share_entries_and_all_get_200() {
     }
     app.shutdown().await.unwrap();
 }
+
+/// The Engine hears the store's pair (the owner's id, the email kept for it), never a
+/// token's that disagrees with it: the three ways a token can meet the store.
+#[tokio::test]
+async fn the_engine_is_told_the_users_pair_as_the_store_keeps_it() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.ensure(&token("kept", "kept@example.com"))
+            .await
+            .status(),
+        200
+    );
+    // (token's id, token's email) → (id, email) the store and the Engine agree on.
+    let cases = [
+        // Both new: stored as they come.
+        (
+            ("fresh", "fresh@example.com"),
+            ("fresh", "fresh@example.com"),
+        ),
+        // The same id with a new email: the id keeps the email it was stored with.
+        (
+            ("kept", "changed@example.com"),
+            ("kept", "kept@example.com"),
+        ),
+        // A new id with an owned email: the email's owner is the user.
+        (
+            ("intruder", "kept@example.com"),
+            ("kept", "kept@example.com"),
+        ),
+    ];
+    for (i, ((id, email), (stored_id, stored_email))) in cases.into_iter().enumerate() {
+        let response = app.ensure(&token(id, email)).await;
+        assert_eq!(response.status(), 200, "{id}");
+        let json: Value = response.json().await.unwrap();
+        assert_eq!(json["userId"], stored_id, "{id}");
+        let entries = app.wait_for_engine_entries(i + 2).await;
+        assert_eq!(
+            engine_message(&entries[i + 1]),
+            expected_command(stored_id, stored_email, json["requestId"].as_str().unwrap()),
+            "{id}"
+        );
+    }
+    assert_eq!(
+        app.rows(),
+        vec![
+            ("fresh".into(), "fresh@example.com".into()),
+            ("kept".into(), "kept@example.com".into())
+        ]
+    );
+    app.shutdown().await.unwrap();
+}

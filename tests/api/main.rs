@@ -2,8 +2,10 @@
 //! on free ports), a real SQLite file.
 
 mod auth;
+mod browser;
 mod claims;
 mod cluster;
+mod cors;
 mod crashes;
 mod dead_letters;
 mod durability;

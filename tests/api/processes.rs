@@ -59,6 +59,13 @@ async fn bad_settings_stop_the_process_with_one_line() {
             "configuration error: ENSURE_WAIT_MS: ",
         ),
         (vec![], "configuration error: JWT_SECRET: "),
+        (
+            vec![
+                ("JWT_SECRET", "s"),
+                ("CORS_ALLOWED_ORIGINS", "https://app.example.com/login"),
+            ],
+            "configuration error: CORS_ALLOWED_ORIGINS: \"https://app.example.com/login\" is not an origin",
+        ),
     ];
     let dir = tempfile::tempdir().unwrap();
     for (vars, expected) in cases {

@@ -11,8 +11,8 @@ fn user(id: &str, email: &str) -> NewUser {
     NewUser::new(id, email)
 }
 
-fn stored(id: &str) -> Resolution {
-    Resolution::stored(id)
+fn stored(id: &str, email: &str) -> Resolution {
+    Resolution::stored(id, email)
 }
 
 /// Every rule, against one store.
@@ -22,21 +22,21 @@ async fn behaviour(db: &TestDb) {
     // The same user again adds no row.
     assert_eq!(
         store.upsert(vec![user("u1", "a@x.com")]).await.unwrap(),
-        vec![stored("u1")]
+        vec![stored("u1", "a@x.com")]
     );
     assert_eq!(
         store.upsert(vec![user("u1", "a@x.com")]).await.unwrap(),
-        vec![stored("u1")]
+        vec![stored("u1", "a@x.com")]
     );
     // An email that belongs to another id resolves to its owner.
     assert_eq!(
         store.upsert(vec![user("u2", "a@x.com")]).await.unwrap(),
-        vec![stored("u1")]
+        vec![stored("u1", "a@x.com")]
     );
-    // An existing id keeps its email.
+    // An existing id keeps its email, and says so.
     assert_eq!(
         store.upsert(vec![user("u1", "new@x.com")]).await.unwrap(),
-        vec![stored("u1")]
+        vec![stored("u1", "a@x.com")]
     );
     // In one batch, in arrival order.
     let got = store
@@ -50,7 +50,12 @@ async fn behaviour(db: &TestDb) {
         .unwrap();
     assert_eq!(
         got,
-        vec![stored("u3"), stored("u3"), stored("u3"), stored("u5")]
+        vec![
+            stored("u3", "c@x.com"),
+            stored("u3", "c@x.com"),
+            stored("u3", "c@x.com"),
+            stored("u5", "e@x.com")
+        ]
     );
     assert_eq!(
         db.rows().await,
@@ -111,13 +116,13 @@ async fn behaviour(db: &TestDb) {
         ])
         .await
         .unwrap();
-    assert_eq!(got[0], stored("g1"));
+    assert_eq!(got[0], stored("g1", "g1@x.com"));
     assert!(
         matches!(&got[1], Resolution::Refused { .. }),
         "{:?}",
         got[1]
     );
-    assert_eq!(got[2], stored("g2"));
+    assert_eq!(got[2], stored("g2", "g2@x.com"));
     store.ping().await.unwrap();
 }
 
@@ -171,7 +176,7 @@ async fn postgres_gives_up_on_a_locked_table_with_a_retryable_error_then_succeed
             .upsert(vec![user("locked", "locked@x.com")])
             .await
             .unwrap(),
-        vec![stored("locked")]
+        vec![stored("locked", "locked@x.com")]
     );
 }
 
