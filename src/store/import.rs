@@ -144,7 +144,7 @@ fn tally(
         let refusal = match &record.user {
             Err(reason) => Some(reason.clone()),
             Ok(user) => match resolutions.next() {
-                Some(Resolution::Stored { canonical_id }) if canonical_id == user.user_id => {
+                Some(Resolution::Stored { canonical_id, .. }) if canonical_id == user.user_id => {
                     report.stored += 1;
                     None
                 }
@@ -190,8 +190,8 @@ mod tests {
             },
         ];
         let resolutions = vec![
-            Resolution::stored("u1"),
-            Resolution::stored("u1"),
+            Resolution::stored("u1", "a@x.com"),
+            Resolution::stored("u1", "a@x.com"),
             Resolution::Refused {
                 reason: "SQLite refused the row: no".into(),
             },
