@@ -35,6 +35,9 @@ pub enum Command {
     /// Inspect and re-queue dead letters.
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
+    /// Bring existing users in, and tell a restarted Engine about every stored user.
+    #[command(subcommand)]
+    Users(UsersCommand),
     /// A reference Engine: reads ENGINE_STREAM as the real one does, answers on
     /// ENGINE_REPLY_STREAM.
     EngineStub {
@@ -73,6 +76,66 @@ pub enum DeadLetterCommand {
         #[arg(long, value_parser = parse_duration_ms)]
         older_than: Option<u64>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Store users from a file of CSV or JSON lines, or from a PostgreSQL query, by the
+    /// workers' rules (an email owned by another id resolves to that owner). Prints each
+    /// refused line with its number and reason, then
+    /// `imported N: stored S, resolved to owner O, refused R`. Running it again adds nothing.
+    ///
+    /// Settings: DATABASE_PATH or DATABASE_URL (the store). No JWT_SECRET needed.
+    #[command(after_help = "Examples:\n  \
+        ensure-user users import users.csv          # header userId,email\n  \
+        ensure-user users import - < users.jsonl    # {\"userId\":…,\"email\":…} per line\n  \
+        ensure-user users import --from-postgres postgres://app@db/app \\\n      \
+        --query 'SELECT id, email FROM \"User\"'")]
+    Import {
+        /// The file to read; `-` reads stdin.
+        #[arg(
+            required_unless_present = "from_postgres",
+            conflicts_with = "from_postgres"
+        )]
+        path: Option<String>,
+        /// The file's format; without it the first non-empty line decides (a `userId,email`
+        /// header: CSV; `{`: JSON lines).
+        #[arg(long, value_enum, conflicts_with = "from_postgres")]
+        format: Option<ImportFormat>,
+        /// Read the users from this PostgreSQL (postgres://…, no TLS) instead of a file.
+        #[arg(long, value_name = "URL", requires = "query")]
+        from_postgres: Option<String>,
+        /// With --from-postgres: the query, returning two text columns, the user id then
+        /// the email; cast other types in it (e.g. `SELECT id::text, email FROM "User"`).
+        /// Rows are fetched in batches through a cursor, in one read-only transaction.
+        #[arg(long, value_name = "SQL", requires = "from_postgres")]
+        query: Option<String>,
+    },
+    /// Publish one createUser (the stored pair, a fresh request id) per stored user to
+    /// ENGINE_STREAM, in user-id order, in pipelined pages: the step after an Engine
+    /// restart. Prints progress (`… published N (R/s), last user X`) on stderr and then
+    /// `published N createUser`. Safe to interrupt: resume with `--after` the last user
+    /// printed (a page published twice is harmless, createUser is idempotent).
+    ///
+    /// Settings: DATABASE_PATH or DATABASE_URL, ENGINE_REDIS_URL (default REDIS_URL),
+    /// ENGINE_STREAM. No JWT_SECRET needed.
+    ResyncEngine {
+        /// At most this many createUser per second.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        rate: Option<u32>,
+        /// Start after this user id (the last one a previous run printed).
+        #[arg(long, value_name = "USER_ID")]
+        after: Option<String>,
+    },
+}
+
+/// The format of a file given to `users import`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImportFormat {
+    /// `userId,email` header (optional when named), RFC 4180 quoting.
+    Csv,
+    /// One JSON object per line, with string `userId` and `email`.
+    Jsonl,
 }
 
 /// Parses `90s`, `15m`, `12h`, `7d` (or a bare number of seconds) into milliseconds.

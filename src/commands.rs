@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use crate::app::{shutdown_signal, Application, Mode};
-use crate::cli::{Cli, Command, DeadLetterCommand};
-use crate::config::Config;
+use crate::cli::{Cli, Command, DeadLetterCommand, ImportFormat, UsersCommand};
+use crate::config::{Config, EngineSettings, StoreSettings};
 use crate::http::auth::mint_token;
 use crate::queue::dead_letters::DeadLetters;
 use crate::queue::{self, RawEntry};
@@ -23,6 +23,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             ttl,
         } => token(&user_id, &email, ttl),
         Command::DeadLetters(command) => dead_letters(command).await,
+        Command::Users(command) => users(command).await,
         Command::EngineStub {
             drop_replies,
             from_start,
@@ -80,6 +81,138 @@ async fn engine_stub(drop_replies: u64, from_start: bool, without_ids: bool) -> 
         shutdown,
     )
     .await
+}
+
+/// `users import` and `users resync-engine`. Both read only the settings they use: they
+/// never verify a token, so they start without `JWT_SECRET`.
+async fn users(command: UsersCommand) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::io::Write as _;
+
+    use crate::engine::resync::{self, ResyncOptions};
+    use crate::store::{import, source, Store};
+
+    let settings = StoreSettings::from_env()?;
+    // Retries are logged (a store or Redis that is down); the results go to stdout.
+    telemetry::init_logging(crate::config::LogFormat::Text);
+    let stop = stop_on_signal()?;
+    match command {
+        UsersCommand::Import {
+            path,
+            format,
+            from_postgres,
+            query,
+        } => {
+            let (batches, unit) = match (from_postgres, query, path) {
+                (Some(url), Some(query), _) => {
+                    (source::read_query(url, query, import::BATCH), "row")
+                }
+                (_, _, Some(path)) => {
+                    let format = format.map(|f| match f {
+                        ImportFormat::Csv => source::Format::Csv,
+                        ImportFormat::Jsonl => source::Format::JsonLines,
+                    });
+                    let input: Box<dyn std::io::Read + Send> = if path == "-" {
+                        Box::new(std::io::stdin())
+                    } else {
+                        Box::new(
+                            std::fs::File::open(&path)
+                                .with_context(|| format!("cannot open {path}"))?,
+                        )
+                    };
+                    let input = std::io::BufReader::with_capacity(64 * 1024, input);
+                    (source::read_lines(input, format, import::BATCH)?, "line")
+                }
+                _ => anyhow::bail!("name a file to import (or -), or --from-postgres with --query"),
+            };
+            let store = Store::open(
+                settings.database_url.as_deref(),
+                &settings.database_path,
+                settings.options(),
+            )
+            .await?;
+            let before = store.count().await?;
+            let mut out = std::io::stdout();
+            let report = import::import(
+                &store,
+                batches,
+                import::Reporting {
+                    unit,
+                    out: &mut out,
+                    progress: &mut std::io::stderr(),
+                },
+                &stop,
+            )
+            .await?;
+            let after = store.count().await?;
+            // What the counts cannot say: how many rows are new (a user "stored" by a
+            // re-run was already there). Other writers may add rows meanwhile.
+            println!("users in the store: {before} before, {after} after");
+            println!("{report}");
+            out.flush()?;
+        }
+        UsersCommand::ResyncEngine { rate, after } => {
+            let engine = EngineSettings::from_env()?;
+            let store = Store::open(
+                settings.database_url.as_deref(),
+                &settings.database_path,
+                settings.options(),
+            )
+            .await?;
+            let conn = queue::connect(&engine.engine_redis_url, std::time::Duration::from_secs(5))?;
+            let publisher = crate::engine::EnginePublisher::new(
+                conn,
+                engine.engine_stream,
+                std::time::Duration::from_secs(10),
+            );
+            let report = resync::resync(
+                &store,
+                &publisher,
+                ResyncOptions { after, rate },
+                &stop,
+                &mut std::io::stderr(),
+            )
+            .await?;
+            if let Some(last) = &report.last {
+                eprintln!("… last user {last}");
+            }
+            println!("published {} createUser", report.published);
+            if report.interrupted {
+                anyhow::bail!(
+                    "interrupted before the end{}",
+                    resync::resume_hint(&report.last)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A token cancelled by SIGINT or SIGTERM. The handlers are installed before this returns,
+/// not when a task first runs: a signal that comes early must stop the work between two
+/// batches, never kill the process in the middle of one.
+fn stop_on_signal() -> anyhow::Result<tokio_util::sync::CancellationToken> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stopping = stop.clone();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            stopping.cancel();
+        });
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stopping.cancel();
+    });
+    Ok(stop)
 }
 
 fn token(user_id: &str, email: &str, ttl: Option<u64>) -> anyhow::Result<()> {

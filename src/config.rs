@@ -109,6 +109,54 @@ pub enum EngineConfirm {
     Ack,
 }
 
+/// Where the users are kept: what the operator commands on users need of the store.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub database_path: PathBuf,
+    /// `postgres://…`: the store is PostgreSQL instead of SQLite.
+    pub database_url: Option<String>,
+    /// PostgreSQL: the longest one statement may run, lock waits included.
+    pub database_statement_timeout: Duration,
+}
+
+impl StoreSettings {
+    /// The store settings alone, from the process environment: the operator commands on
+    /// users never verify a token, so they must start without `JWT_SECRET`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Settings {
+            lookup: &|name| std::env::var(name).ok(),
+        }
+        .store()
+    }
+
+    /// How a one-off command opens the store: a small PostgreSQL pool (it runs one
+    /// transaction at a time), and the configured statement timeout.
+    pub fn options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            pool_size: 2,
+            statement_timeout: self.database_statement_timeout,
+        }
+    }
+}
+
+/// Where the Engine reads its commands: what `users resync-engine` publishes to.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// `ENGINE_REDIS_URL`, else the (single) `REDIS_URL`.
+    pub engine_redis_url: String,
+    pub engine_stream: String,
+}
+
+impl EngineSettings {
+    /// The Engine settings alone, from the process environment (no token secret needed).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Settings {
+            lookup: &|name| std::env::var(name).ok(),
+        }
+        .engine()
+    }
+}
+
 /// Everything `serve`, `listen` and `work` need.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -271,6 +319,70 @@ impl Settings<'_> {
         Ok(Some(KeyFile { path, contents }))
     }
 
+    /// `REDIS_URL`: one URL, or several comma-separated node URLs of a cluster.
+    fn redis_nodes(&self) -> Result<Vec<String>, ConfigError> {
+        let nodes: Vec<String> = self
+            .string("REDIS_URL", "redis://127.0.0.1:6379")
+            .split(',')
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        for url in &nodes {
+            redis::Client::open(url.as_str()).map_err(|e| {
+                ConfigError::new(
+                    "REDIS_URL",
+                    format!("{url:?} is not a usable Redis URL: {e}"),
+                )
+            })?;
+        }
+        Ok(nodes)
+    }
+
+    /// The Engine's Redis and stream; `ENGINE_REDIS_URL` defaults to the queue's Redis.
+    fn engine(&self) -> Result<EngineSettings, ConfigError> {
+        let nodes = self.redis_nodes()?;
+        let cluster = nodes.len() > 1 || self.bool("REDIS_CLUSTER", false)?;
+        if cluster && self.get("ENGINE_REDIS_URL").is_none() {
+            return Err(ConfigError::new(
+                "ENGINE_REDIS_URL",
+                "must be set when the queue is a Redis Cluster (the Engine reads one stream on one Redis)",
+            ));
+        }
+        let first = nodes.first().cloned().unwrap_or_default();
+        Ok(EngineSettings {
+            engine_redis_url: self.redis_url("ENGINE_REDIS_URL", &first)?,
+            engine_stream: self.string("ENGINE_STREAM", "stream:exness"),
+        })
+    }
+
+    fn store(&self) -> Result<StoreSettings, ConfigError> {
+        let database_url = self.get("DATABASE_URL");
+        if let Some(url) = &database_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(ConfigError::new(
+                    "DATABASE_URL",
+                    "must start with postgres:// (unset it to use SQLite)",
+                ));
+            }
+            url.parse::<tokio_postgres::Config>().map_err(|e| {
+                ConfigError::new("DATABASE_URL", format!("not a usable PostgreSQL URL: {e}"))
+            })?;
+        }
+        let database_statement_timeout = self.millis("DATABASE_STATEMENT_TIMEOUT_MS", 5000)?;
+        if database_statement_timeout < Duration::from_millis(100) {
+            // Shorter than a healthy batch can take: every batch would time out and retry.
+            return Err(ConfigError::new(
+                "DATABASE_STATEMENT_TIMEOUT_MS",
+                "must be at least 100",
+            ));
+        }
+        Ok(StoreSettings {
+            database_path: PathBuf::from(self.string("DATABASE_PATH", "./data/ensure-user.db")),
+            database_url,
+            database_statement_timeout,
+        })
+    }
+
     fn jwt(&self) -> Result<JwtConfig, ConfigError> {
         let algorithms = self
             .string("JWT_ALGORITHMS", "HS256")
@@ -360,29 +472,10 @@ impl Config {
         let port: u16 = s.parse("PORT", 8000, "a port number (0-65535)")?;
         let listen_addr = s.addr("LISTEN_ADDR", SocketAddr::from(([0, 0, 0, 0], port)))?;
         let metrics_addr = s.addr("METRICS_ADDR", SocketAddr::from(([0, 0, 0, 0], 9100)))?;
-        let redis_nodes: Vec<String> = s
-            .string("REDIS_URL", "redis://127.0.0.1:6379")
-            .split(',')
-            .map(|u| u.trim().to_string())
-            .filter(|u| !u.is_empty())
-            .collect();
-        for url in &redis_nodes {
-            redis::Client::open(url.as_str()).map_err(|e| {
-                ConfigError::new(
-                    "REDIS_URL",
-                    format!("{url:?} is not a usable Redis URL: {e}"),
-                )
-            })?;
-        }
+        let redis_nodes = s.redis_nodes()?;
         let redis_url = redis_nodes.first().cloned().unwrap_or_default();
         let redis_cluster = redis_nodes.len() > 1 || s.bool("REDIS_CLUSTER", false)?;
-        if redis_cluster && s.get("ENGINE_REDIS_URL").is_none() {
-            return Err(ConfigError::new(
-                "ENGINE_REDIS_URL",
-                "must be set when the queue is a Redis Cluster (the Engine reads one stream on one Redis)",
-            ));
-        }
-        let engine_redis_url = s.redis_url("ENGINE_REDIS_URL", &redis_url)?;
+        let engine = s.engine()?;
         let worker_block = s.millis("WORKER_BLOCK_MS", 1000)?;
         if worker_block.is_zero() {
             // BLOCK 0 means "forever" to Redis: a worker could never notice a shutdown.
@@ -416,26 +509,7 @@ impl Config {
             }
         };
         let ensure_stream = s.string("ENSURE_STREAM", "stream:ensure-user");
-        let database_url = s.get("DATABASE_URL");
-        if let Some(url) = &database_url {
-            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                return Err(ConfigError::new(
-                    "DATABASE_URL",
-                    "must start with postgres:// (unset it to use SQLite)",
-                ));
-            }
-            url.parse::<tokio_postgres::Config>().map_err(|e| {
-                ConfigError::new("DATABASE_URL", format!("not a usable PostgreSQL URL: {e}"))
-            })?;
-        }
-        let database_statement_timeout = s.millis("DATABASE_STATEMENT_TIMEOUT_MS", 5000)?;
-        if database_statement_timeout < Duration::from_millis(100) {
-            // Shorter than a healthy batch can take: every batch would time out and retry.
-            return Err(ConfigError::new(
-                "DATABASE_STATEMENT_TIMEOUT_MS",
-                "must be at least 100",
-            ));
-        }
+        let store = s.store()?;
         let engine_confirm = match s
             .string("ENGINE_CONFIRM", "publish")
             .to_ascii_lowercase()
@@ -458,16 +532,16 @@ impl Config {
             redis_nodes,
             redis_cluster,
             ensure_shards: s.positive("ENSURE_SHARDS", 1)?,
-            engine_redis_url,
+            engine_redis_url: engine.engine_redis_url,
             ensure_group: s.string("ENSURE_GROUP", "ensure-workers"),
-            engine_stream: s.string("ENGINE_STREAM", "stream:exness"),
+            engine_stream: engine.engine_stream,
             engine_reply_stream: s.string("ENGINE_REPLY_STREAM", "stream:exnessReceive"),
             ensure_stream,
             ensure_wait: s.millis("ENSURE_WAIT_MS", 5000)?,
             enqueue_timeout,
-            database_path: PathBuf::from(s.string("DATABASE_PATH", "./data/ensure-user.db")),
-            database_url,
-            database_statement_timeout,
+            database_path: store.database_path,
+            database_url: store.database_url,
+            database_statement_timeout: store.database_statement_timeout,
             worker_concurrency: s.positive("WORKER_CONCURRENCY", 4)?,
             worker_batch_size: s.positive("WORKER_BATCH_SIZE", 256)?,
             worker_block,
@@ -640,6 +714,33 @@ mod tests {
                 "{doc} does not document {missing:?}: give each a row in its settings table"
             );
         }
+    }
+
+    #[test]
+    fn the_users_commands_read_store_and_engine_settings_without_a_secret() {
+        let vars: HashMap<&str, &str> = [
+            ("DATABASE_PATH", "/tmp/users.db"),
+            ("REDIS_URL", "redis://queue:6379"),
+            ("ENGINE_STREAM", "stream:engine"),
+        ]
+        .into();
+        let s = Settings {
+            lookup: &|name| vars.get(name).map(|v| v.to_string()),
+        };
+        let store = s.store().unwrap();
+        assert_eq!(store.database_path, PathBuf::from("/tmp/users.db"));
+        assert!(store.database_url.is_none());
+        let engine = s.engine().unwrap();
+        assert_eq!(engine.engine_redis_url, "redis://queue:6379");
+        assert_eq!(engine.engine_stream, "stream:engine");
+        let cluster = Settings {
+            lookup: &|name| (name == "REDIS_URL").then(|| "redis://a:1,redis://b:2".into()),
+        };
+        assert_eq!(cluster.engine().unwrap_err().setting, "ENGINE_REDIS_URL");
+        let bad = Settings {
+            lookup: &|name| (name == "DATABASE_URL").then(|| "mysql://x".into()),
+        };
+        assert_eq!(bad.store().unwrap_err().setting, "DATABASE_URL");
     }
 
     #[test]

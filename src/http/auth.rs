@@ -266,13 +266,40 @@ fn identity_from(claims: IdentityClaims) -> Result<Identity, AuthError> {
     let (Some(user_id), Some(email)) = (claims.user_id.0, claims.email.0) else {
         return Err(AuthError::InvalidPayload);
     };
-    let usable_id = !user_id.is_empty()
-        && user_id.len() <= MAX_USER_ID_BYTES
-        && !user_id.chars().any(char::is_control);
-    if !usable_id || !is_email(&email) {
-        return Err(AuthError::InvalidPayload);
-    }
+    check_identity(&user_id, &email).map_err(|_| AuthError::InvalidPayload)?;
     Ok(Identity { user_id, email })
+}
+
+/// Why a `userId` / `email` pair cannot be ensured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidIdentity {
+    #[error("userId is empty")]
+    EmptyUserId,
+    #[error("userId is longer than {MAX_USER_ID_BYTES} bytes")]
+    LongUserId,
+    #[error("userId contains a control character")]
+    ControlInUserId,
+    #[error("email is not an address (local@domain, at most {MAX_EMAIL_BYTES} bytes, no spaces)")]
+    NotAnEmail,
+}
+
+/// The limits every user id and email must meet, whichever way it comes in: a token's
+/// claims here, an imported line in `users import` (one rule, so an import can never store
+/// what the HTTP path would refuse).
+pub fn check_identity(user_id: &str, email: &str) -> Result<(), InvalidIdentity> {
+    if user_id.is_empty() {
+        return Err(InvalidIdentity::EmptyUserId);
+    }
+    if user_id.len() > MAX_USER_ID_BYTES {
+        return Err(InvalidIdentity::LongUserId);
+    }
+    if user_id.chars().any(char::is_control) {
+        return Err(InvalidIdentity::ControlInUserId);
+    }
+    if !is_email(email) {
+        return Err(InvalidIdentity::NotAnEmail);
+    }
+    Ok(())
 }
 
 /// A deliberately plain address check: `local@domain`, no spaces or control characters,

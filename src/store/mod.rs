@@ -4,8 +4,13 @@
 //! hosts. The rules every store keeps:
 //! ensuring the same user again adds no row, and an email that already belongs to another
 //! user id resolves to that owner instead of moving or duplicating anything.
+//!
+//! Users that exist elsewhere come in through [`source`] (a file of CSV or JSON lines, or a
+//! PostgreSQL query) and [`import`] (the same upserts as the worker's, in batches).
 
+pub mod import;
 pub mod postgres;
+pub mod source;
 pub mod sqlite;
 
 use std::path::Path;
@@ -78,6 +83,27 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.upsert(users).await,
             Store::Postgres(p) => p.upsert(users).await,
+        }
+    }
+
+    /// At most `limit` users whose id sorts after `after` (from the first with `None`), in
+    /// id order, with the email the store keeps: pages for `users resync-engine`.
+    pub async fn page_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<NewUser>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.page_after(after, limit).await,
+            Store::Postgres(p) => p.page_after(after, limit).await,
+        }
+    }
+
+    /// How many users the store holds.
+    pub async fn count(&self) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.count().await,
+            Store::Postgres(p) => p.count().await,
         }
     }
 

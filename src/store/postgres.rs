@@ -40,6 +40,12 @@ const INSERT: &str = "INSERT INTO users (user_id, email)
 const TOUCH_BY_EMAIL: &str =
     "UPDATE users SET last_ensured_at = now() WHERE email = ANY($1) RETURNING user_id, email";
 
+/// Users after a key, in key order: a range scan of the primary key's index. Comparison and
+/// order use the same (the column's) collation, so the pages never skip nor repeat a user.
+const PAGE_FROM_START: &str = "SELECT user_id, email FROM users ORDER BY user_id LIMIT $1";
+const PAGE_AFTER: &str =
+    "SELECT user_id, email FROM users WHERE user_id > $1 ORDER BY user_id LIMIT $2";
+
 /// How many times a batch is run at once when concurrent batches get in its way (a
 /// deadlock, or rows a concurrent transaction kept changing through every round).
 const ATTEMPTS: u32 = 5;
@@ -137,6 +143,41 @@ impl PostgresStore {
         let client = self.pool.get().await.map_err(pool_error)?;
         match tokio::time::timeout(self.answer_limit, client.simple_query("SELECT 1")).await {
             Ok(answer) => answer.map(|_| ()).map_err(classify),
+            Err(_) => Err(self.discard(client)),
+        }
+    }
+
+    /// At most `limit` users whose id sorts after `after` (from the first with `None`), in
+    /// id order (the column's collation).
+    pub async fn page_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<NewUser>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let query = async {
+            match after {
+                None => client.query(PAGE_FROM_START, &[&limit]).await,
+                Some(after) => client.query(PAGE_AFTER, &[&after, &limit]).await,
+            }
+        };
+        match tokio::time::timeout(self.answer_limit, query).await {
+            Ok(rows) => Ok(rows
+                .map_err(classify)?
+                .iter()
+                .map(|r| NewUser::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect()),
+            Err(_) => Err(self.discard(client)),
+        }
+    }
+
+    /// How many users the table holds.
+    pub async fn count(&self) -> Result<u64, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let query = client.query_one("SELECT count(*) FROM users", &[]);
+        match tokio::time::timeout(self.answer_limit, query).await {
+            Ok(row) => Ok(row.map_err(classify)?.get::<_, i64>(0).max(0) as u64),
             Err(_) => Err(self.discard(client)),
         }
     }

@@ -69,7 +69,18 @@ type UpsertReply = oneshot::Sender<Result<Vec<Resolution>, StoreError>>;
 enum Command {
     Upsert(Vec<NewUser>, UpsertReply),
     Ping(oneshot::Sender<Result<(), StoreError>>),
+    Page {
+        after: Option<String>,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<NewUser>, StoreError>>,
+    },
+    Count(oneshot::Sender<Result<u64, StoreError>>),
 }
+
+/// Users after a key, in key order (`user_id` is the primary key: an index range scan).
+const PAGE_FROM_START: &str = "SELECT user_id, email FROM users ORDER BY user_id LIMIT ?1";
+const PAGE_AFTER: &str =
+    "SELECT user_id, email FROM users WHERE user_id > ?1 ORDER BY user_id LIMIT ?2";
 
 /// Handle to the writer thread; cheap to clone.
 #[derive(Clone)]
@@ -143,6 +154,33 @@ impl SqliteStore {
             .map_err(|_| StoreError::Stopped)?;
         rx.await.map_err(|_| StoreError::Stopped)?
     }
+
+    /// At most `limit` users whose id sorts after `after` (from the first with `None`), in
+    /// id order (SQLite's byte order).
+    pub async fn page_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<NewUser>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Page {
+                after: after.map(str::to_string),
+                limit,
+                reply,
+            })
+            .map_err(|_| StoreError::Stopped)?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    /// How many users the table holds.
+    pub async fn count(&self) -> Result<u64, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Count(reply))
+            .map_err(|_| StoreError::Stopped)?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
 }
 
 /// Creates the database file readable by its owner only; an existing file keeps its mode.
@@ -209,6 +247,23 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>) {
                         .map_err(classify);
                     let _ = reply.send(ok);
                 }
+                // Reads go through the writer's connection too: the only callers are the
+                // operator commands, each with a store of its own, and one thread per
+                // connection keeps all SQLite work off the async threads.
+                Command::Page {
+                    after,
+                    limit,
+                    reply,
+                } => {
+                    let _ = reply.send(page(&conn, after.as_deref(), limit).map_err(classify));
+                }
+                Command::Count(reply) => {
+                    let count = conn
+                        .query_row("SELECT count(*) FROM users", [], |r| r.get::<_, i64>(0))
+                        .map(|n| n.max(0) as u64)
+                        .map_err(classify);
+                    let _ = reply.send(count);
+                }
             }
             if group.len() >= 64 {
                 break;
@@ -230,6 +285,22 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>) {
                 }
             }
         }
+    }
+}
+
+fn page(conn: &Connection, after: Option<&str>, limit: usize) -> rusqlite::Result<Vec<NewUser>> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let row =
+        |r: &rusqlite::Row<'_>| Ok(NewUser::new(r.get::<_, String>(0)?, r.get::<_, String>(1)?));
+    match after {
+        None => conn
+            .prepare_cached(PAGE_FROM_START)?
+            .query_map([limit], row)?
+            .collect(),
+        Some(after) => conn
+            .prepare_cached(PAGE_AFTER)?
+            .query_map(rusqlite::params![after, limit], row)?
+            .collect(),
     }
 }
 

@@ -568,6 +568,32 @@ pub fn run_cli_output(args: &[&str], vars: &[(String, String)]) -> std::process:
         .unwrap()
 }
 
+/// Runs a one-shot command of the binary with `input` on its stdin; returns how it ended.
+pub fn run_cli_with_stdin(
+    args: &[&str],
+    vars: &[(String, String)],
+    input: &[u8],
+) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ensure-user"))
+        .args(args)
+        .env_clear()
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    // Written from a thread of its own: a child that answers before reading all its input
+    // must not deadlock on a full pipe either way.
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let output = child.wait_with_output().unwrap();
+    let _ = writer.join(); // a child that stopped reading early is the test's to judge
+    output
+}
+
 /// Entries read by the group but not acknowledged, by consumer name.
 pub async fn pending_by_consumer(queue: &RedisServer) -> Vec<(String, u64)> {
     let mut conn = queue.conn().await;

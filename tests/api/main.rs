@@ -16,3 +16,4 @@ mod hostile;
 mod http;
 mod processes;
 mod store;
+mod users;
