@@ -63,12 +63,7 @@ async fn engine_stub(drop_replies: u64, from_start: bool, without_ids: bool) -> 
         |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
     telemetry::init_logging(crate::config::LogFormat::Text);
     let conn = queue::connect(&url, std::time::Duration::from_secs(3))?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        stop.cancel();
-    });
+    let shutdown = stop_on_signal()?;
     crate::engine::stub::run(
         conn,
         crate::engine::stub::StubSettings {
@@ -188,28 +183,15 @@ async fn users(command: UsersCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A token cancelled by SIGINT or SIGTERM. The handlers are installed before this returns,
-/// not when a task first runs: a signal that comes early must stop the work between two
-/// batches, never kill the process in the middle of one.
+/// A token cancelled by SIGINT or SIGTERM. The handlers are installed before this returns
+/// ([`shutdown_signal`]), not when a task first runs: a signal that comes early must stop
+/// the work between two batches, never kill the process in the middle of one.
 fn stop_on_signal() -> anyhow::Result<tokio_util::sync::CancellationToken> {
     let stop = tokio_util::sync::CancellationToken::new();
     let stopping = stop.clone();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut interrupt = signal(SignalKind::interrupt())?;
-        let mut terminate = signal(SignalKind::terminate())?;
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = interrupt.recv() => {}
-                _ = terminate.recv() => {}
-            }
-            stopping.cancel();
-        });
-    }
-    #[cfg(not(unix))]
+    let signalled = shutdown_signal();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signalled.await;
         stopping.cancel();
     });
     Ok(stop)
