@@ -138,6 +138,11 @@ impl Application {
                     local,
                     queue_conn.clone(),
                     config.ensure_stream.clone(),
+                    if topology.cluster {
+                        topology.nodes.clone()
+                    } else {
+                        Vec::new()
+                    },
                 ),
                 group: config.ensure_group.clone(),
                 retry: RetryPolicy {

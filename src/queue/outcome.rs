@@ -258,6 +258,9 @@ pub struct OutcomeBus {
     local: Option<(String, Arc<Waiters>)>,
     conn: super::RedisConn,
     ensure_stream: String,
+    /// On a Redis Cluster, every node's URL: a PUBLISH goes to the node of the channel's
+    /// slot, and should that node be down, any other node carries it cluster-wide.
+    cluster_nodes: Vec<String>,
 }
 
 impl OutcomeBus {
@@ -265,11 +268,13 @@ impl OutcomeBus {
         local: Option<(String, Arc<Waiters>)>,
         conn: super::RedisConn,
         ensure_stream: String,
+        cluster_nodes: Vec<String>,
     ) -> Self {
         Self {
             local,
             conn,
             ensure_stream,
+            cluster_nodes,
         }
     }
 
@@ -317,9 +322,29 @@ impl OutcomeBus {
         if remote > 0 {
             let mut conn = self.conn.clone();
             if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-                tracing::warn!(error = %e, count = remote, "could not publish outcomes; those clients get 202");
+                if !self.publish_through_any_node(&pipe).await {
+                    tracing::warn!(error = %e, count = remote, "could not publish outcomes; those clients get 202");
+                }
             }
         }
+    }
+}
+
+impl OutcomeBus {
+    /// Sends the PUBLISH pipeline to the cluster's nodes in turn until one takes it (a
+    /// cluster propagates PUBLISH to every node); false when none did, or not a cluster.
+    async fn publish_through_any_node(&self, pipe: &redis::Pipeline) -> bool {
+        for url in &self.cluster_nodes {
+            let attempt = async {
+                let client = redis::Client::open(url.as_str())?;
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                pipe.query_async::<()>(&mut conn).await
+            };
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(500), attempt).await {
+                return true;
+            }
+        }
+        false
     }
 }
 

@@ -70,6 +70,8 @@ impl RedisCluster {
                         "--save",
                         "",
                     ])
+                    // The other nodes' slots stay served while one node is down.
+                    .args(["--cluster-require-full-coverage", "no"])
                     .args(["--cluster-enabled", "yes", "--cluster-config-file"])
                     .arg(dir.path().join(format!("nodes-{port}.conf")))
                     .arg("--dir")
@@ -121,6 +123,14 @@ impl RedisCluster {
 
     fn urls(&self) -> String {
         cluster_urls(&self.ports)
+    }
+}
+
+impl RedisCluster {
+    /// SIGKILLs node `i`.
+    fn kill_node(&mut self, i: usize) {
+        let _ = self.children[i].kill();
+        let _ = self.children[i].wait();
     }
 }
 
@@ -258,4 +268,60 @@ async fn a_cluster_that_is_down_at_start_gets_503_until_it_comes_up() {
     .await;
     stop.cancel();
     running.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn outcomes_still_reach_a_listener_after_a_cluster_node_dies() {
+    let mut cluster = RedisCluster::start().await;
+    let engine = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let mut vars = test_vars(&engine, &engine, &db);
+    set(&mut vars, "REDIS_URL", &cluster.urls());
+    set(&mut vars, "ENSURE_SHARDS", "3");
+    set(&mut vars, "ENSURE_WAIT_MS", "1000");
+    // A listener and a worker apart: outcomes travel by PUBLISH through the cluster.
+    let start = |mode| {
+        let vars = vars.clone();
+        async move {
+            let app = Application::build(Config::from_vars(vars).unwrap(), mode)
+                .await
+                .unwrap();
+            let address = app.address();
+            let stop = CancellationToken::new();
+            let running = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
+            (address, stop, running)
+        }
+    };
+    let (address, stop_listener, listener) = start(Mode::Listen).await;
+    let (_, stop_worker, worker) = start(Mode::Work).await;
+    let client = reqwest::Client::new();
+    let ensure = |user: String| {
+        let request = client
+            .post(format!("http://{address}{ENSURE_PATH}"))
+            .bearer_auth(token(&user, &format!("{user}@example.com")));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(ensure("before".into()).await, 200);
+
+    // The node the listener subscribed through (the first of REDIS_URL) dies. Outcomes
+    // published while it subscribes again are lost (those clients get 202); after that,
+    // users whose shard lives on a node still up are answered 200 again. (Users on the dead
+    // node's shard get 503.)
+    cluster.kill_node(0);
+    let mut n = 0;
+    eventually("a 200 through a node still up", || {
+        n += 1;
+        let answer = ensure(format!("after-{n}"));
+        async move {
+            let status = answer.await;
+            assert!([200, 202, 503].contains(&status), "{status}");
+            (status == 200).then_some(())
+        }
+    })
+    .await;
+    stop_listener.cancel();
+    stop_worker.cancel();
+    listener.await.unwrap().unwrap();
+    worker.await.unwrap().unwrap();
 }
