@@ -1,11 +1,13 @@
 //! HTTP in: the listener, its routes, bearer authentication, and every response body.
 //!
 //! - [`listener`]: accept loop, connection limits, graceful drain;
+//! - [`deadline`]: the idle deadline that closes connections without a request in flight;
 //! - [`routes`]: dispatch, the ensure flow, health and readiness;
 //! - [`auth`]: `Authorization: Bearer` → verified identity;
 //! - [`responses`]: every JSON body the service sends, and the one error → answer mapping.
 
 pub mod auth;
+pub mod deadline;
 pub mod listener;
 pub mod responses;
 pub mod routes;

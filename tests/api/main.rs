@@ -4,6 +4,7 @@
 mod auth;
 mod claims;
 mod cluster;
+mod connections;
 mod crashes;
 mod dead_letters;
 mod durability;
