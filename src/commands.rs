@@ -180,7 +180,8 @@ fn bytes_json(bytes: &[u8]) -> serde_json::Value {
 
 /// One dead letter as a JSON line. Fields are `[name, value]` pairs in stream order, not
 /// an object: names need not be UTF-8 (nor unique), and an object key can only be text.
-fn letter_json(stream: &str, letter: &RawEntry) -> String {
+/// Public for the `dead_letter` fuzz target.
+pub fn letter_json(stream: &str, letter: &RawEntry) -> String {
     let fields: Vec<serde_json::Value> = letter
         .fields
         .iter()
