@@ -77,6 +77,15 @@ pub struct JwtConfig {
 }
 
 impl JwtConfig {
+    /// No key at all: an authenticator built from it refuses every token. For commands
+    /// that never verify one.
+    pub fn no_keys() -> Self {
+        Self {
+            secret: None,
+            ..Self::hs256("")
+        }
+    }
+
     /// HS256 with one secret and the contract's defaults (leeway 60 s, `exp` optional).
     pub fn hs256(secret: impl Into<Vec<u8>>) -> Self {
         Self {
@@ -91,6 +100,13 @@ impl JwtConfig {
             require_exp: false,
         }
     }
+}
+
+/// Whether a command verifies tokens, and so needs their keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tokens {
+    Verified,
+    Ignored,
 }
 
 /// Log line format.
@@ -459,6 +475,24 @@ impl Config {
         Self::from_lookup(&|name| map.get(name).cloned())
     }
 
+    /// Every setting but the token keys, which are not read at all: for the operator
+    /// commands (`dead-letters …` and later ones), which never verify a token and must not
+    /// need the platform's secret to start. The returned token settings accept no token.
+    pub fn operator_from_env() -> Result<Self, ConfigError> {
+        Self::read(&|name| std::env::var(name).ok(), Tokens::Ignored)
+    }
+
+    /// [`Config::operator_from_env`] from the given variables only.
+    pub fn operator_from_vars<K: AsRef<str>, V: AsRef<str>>(
+        vars: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<Self, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .into_iter()
+            .map(|(k, v)| (k.as_ref().to_string(), v.as_ref().to_string()))
+            .collect();
+        Self::read(&|name| map.get(name).cloned(), Tokens::Ignored)
+    }
+
     /// Only the token settings, for `ensure-user token`, which needs nothing else.
     pub fn jwt_from_env() -> Result<JwtConfig, ConfigError> {
         Settings {
@@ -468,6 +502,10 @@ impl Config {
     }
 
     fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        Self::read(lookup, Tokens::Verified)
+    }
+
+    fn read(lookup: &dyn Fn(&str) -> Option<String>, tokens: Tokens) -> Result<Self, ConfigError> {
         let s = Settings { lookup };
         let port: u16 = s.parse("PORT", 8000, "a port number (0-65535)")?;
         let listen_addr = s.addr("LISTEN_ADDR", SocketAddr::from(([0, 0, 0, 0], port)))?;
@@ -527,7 +565,10 @@ impl Config {
         Ok(Config {
             listen_addr,
             metrics_addr,
-            jwt: s.jwt()?,
+            jwt: match tokens {
+                Tokens::Verified => s.jwt()?,
+                Tokens::Ignored => JwtConfig::no_keys(),
+            },
             redis_url,
             redis_nodes,
             redis_cluster,
@@ -741,6 +782,16 @@ mod tests {
             lookup: &|name| (name == "DATABASE_URL").then(|| "mysql://x".into()),
         };
         assert_eq!(bad.store().unwrap_err().setting, "DATABASE_URL");
+    }
+
+    #[test]
+    fn operator_commands_need_no_token_settings() {
+        let c = Config::operator_from_vars([("REDIS_URL", "redis://127.0.0.1:7000")]).unwrap();
+        assert_eq!(c.redis_url, "redis://127.0.0.1:7000");
+        assert!(c.jwt.secret.is_none() && c.jwt.public_key.is_none() && c.jwt.jwks.is_none());
+        // Other settings are still checked.
+        let err = Config::operator_from_vars([("REDIS_URL", "http://nope")]).unwrap_err();
+        assert_eq!(err.setting, "REDIS_URL");
     }
 
     #[test]

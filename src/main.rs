@@ -6,8 +6,10 @@ use clap::Parser as _;
 use ensure_user::cli::Cli;
 
 fn main() -> ExitCode {
-    // A .env in the working folder is read when present; the real environment wins.
-    if let Err(e) = dotenvy::dotenv() {
+    // A .env in the working folder is read when present; the real environment wins. Only
+    // that folder: `dotenvy::dotenv()` would also take one from any parent folder, settings
+    // (a secret, a database) that nobody meant for this process.
+    if let Err(e) = dotenvy::from_path(".env") {
         if !e.not_found() {
             eprintln!("configuration error: .env: {e}");
             return ExitCode::from(2);

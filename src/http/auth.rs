@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::fmt;
 
 use hyper::header::{HeaderMap, AUTHORIZATION};
+use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -42,6 +43,8 @@ pub enum AuthError {
 /// One key a token may be verified with.
 struct VerificationKey {
     kid: Option<String>,
+    /// The one algorithm a JWK is declared for (its `alg`); `None` for any of its family.
+    alg: Option<Algorithm>,
     key: DecodingKey,
 }
 
@@ -92,12 +95,14 @@ impl Authenticator {
             }
             keys.push(VerificationKey {
                 kid: None,
+                alg: None,
                 key: DecodingKey::from_secret(secret.as_bytes()),
             });
         }
         if let Some(file) = &config.public_key {
             keys.push(VerificationKey {
                 kid: None,
+                alg: None,
                 key: public_key_from_pem(&file.contents, &config.algorithms).ok_or_else(|| {
                     ConfigError::new(
                         "JWT_PUBLIC_KEY_FILE",
@@ -114,7 +119,16 @@ impl Authenticator {
                 serde_json::from_slice(&file.contents).map_err(|e| {
                     ConfigError::new("JWT_JWKS_FILE", format!("{} is not a JWKS: {e}", file.path))
                 })?;
+            let mut usable = 0;
             for jwk in &set.keys {
+                let Some(alg) = jwk_signing_use(jwk) else {
+                    tracing::warn!(
+                        kid = jwk.common.key_id.as_deref().unwrap_or("-"),
+                        "a key in JWT_JWKS_FILE is not for verifying signatures (its use, key_ops or alg); it is ignored"
+                    );
+                    continue;
+                };
+                usable += 1;
                 let key = DecodingKey::from_jwk(jwk).map_err(|e| {
                     ConfigError::new(
                         "JWT_JWKS_FILE",
@@ -123,8 +137,15 @@ impl Authenticator {
                 })?;
                 keys.push(VerificationKey {
                     kid: jwk.common.key_id.clone(),
+                    alg,
                     key,
                 });
+            }
+            if usable == 0 {
+                return Err(ConfigError::new(
+                    "JWT_JWKS_FILE",
+                    format!("{} has no key for verifying signatures", file.path),
+                ));
             }
         }
         let validations = config
@@ -177,19 +198,32 @@ impl Authenticator {
             .iter()
             .find(|(a, _)| *a == alg)
             .ok_or(AuthError::InvalidToken)?;
+        // A `kid` narrows the keys to that one; without a `kid`, every key of the token's
+        // family is tried (a JWKS during a key rollover holds several).
         let candidates = self.keys.iter().filter(|k| {
             k.key.family() == alg.family()
+                && k.alg.is_none_or(|declared| declared == alg)
                 && match (&header.kid, &k.kid) {
                     (Some(wanted), Some(kid)) => wanted == kid,
-                    (None, Some(_)) => false,
-                    (_, None) => true,
+                    _ => true,
                 }
         });
         for candidate in candidates {
             match jsonwebtoken::decode::<IdentityClaims>(token, &candidate.key, validation) {
                 Ok(data) => return identity_from(data.claims),
-                // Another key (the previous secret, another kid) may have signed it.
-                Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::InvalidSignature) => {
+                // Another key (the previous secret, another kid) may have signed it; a key
+                // this token cannot be checked with (wrong size or curve) is no reason to
+                // stop before the others were tried.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::InvalidSignature
+                            | ErrorKind::InvalidRsaKey(_)
+                            | ErrorKind::InvalidEcdsaKey
+                            | ErrorKind::InvalidEddsaKey
+                            | ErrorKind::InvalidKeyFormat
+                    ) =>
+                {
                     continue
                 }
                 // The signature matched but the token is expired, malformed, …
@@ -197,6 +231,33 @@ impl Authenticator {
             }
         }
         Err(AuthError::InvalidToken)
+    }
+}
+
+/// Whether a JWK may verify signatures, and for which algorithm (RFC 7517 §4.2–4.4): a key
+/// whose `use` is not `sig`, whose `key_ops` lack `verify`, or whose `alg` is not a JWS
+/// algorithm (e.g. `RSA-OAEP`) is for something else and never verifies a token.
+/// `Some(None)`: usable with any algorithm of its family; `None`: not usable.
+fn jwk_signing_use(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Option<Algorithm>> {
+    use jsonwebtoken::jwk::{KeyOperations, PublicKeyUse};
+    let common = &jwk.common;
+    if common
+        .public_key_use
+        .as_ref()
+        .is_some_and(|u| *u != PublicKeyUse::Signature)
+    {
+        return None;
+    }
+    if common
+        .key_operations
+        .as_ref()
+        .is_some_and(|ops| !ops.contains(&KeyOperations::Verify))
+    {
+        return None;
+    }
+    match &common.key_algorithm {
+        None => Some(None),
+        Some(declared) => declared.to_string().parse::<Algorithm>().ok().map(Some),
     }
 }
 
@@ -630,6 +691,100 @@ mod tests {
                 auth.verify(&sign(header, claims(), &key)),
                 Err(AuthError::InvalidToken)
             );
+        }
+
+        /// The fixture's RSA key as a JWK with these extra members.
+        fn rsa_jwk(extra: serde_json::Value) -> serde_json::Value {
+            let set: serde_json::Value = serde_json::from_slice(JWKS).unwrap();
+            let mut key = set["keys"][0].clone();
+            let key_map = key.as_object_mut().unwrap();
+            key_map.remove("use");
+            key_map.remove("alg");
+            key_map.extend(extra.as_object().unwrap().clone());
+            key
+        }
+
+        fn jwks_auth(keys: Vec<serde_json::Value>, algorithms: &[Algorithm]) -> Authenticator {
+            let mut c = config(algorithms);
+            c.jwks = file(&serde_json::to_vec(&json!({ "keys": keys })).unwrap());
+            Authenticator::new(&c).unwrap()
+        }
+
+        fn rsa_token(alg: Algorithm, kid: Option<&str>) -> String {
+            let mut header = Header::new(alg);
+            header.kid = kid.map(Into::into);
+            sign(
+                header,
+                claims(),
+                &EncodingKey::from_rsa_pem(RSA_PRIVATE).unwrap(),
+            )
+        }
+
+        #[test]
+        fn a_jwks_key_verifies_only_for_its_alg_and_use() {
+            let auth = jwks_auth(
+                vec![
+                    rsa_jwk(json!({"kid": "enc", "use": "enc"})),
+                    rsa_jwk(json!({"kid": "wrap", "key_ops": ["wrapKey"]})),
+                    rsa_jwk(json!({"kid": "oaep", "alg": "RSA-OAEP"})),
+                    rsa_jwk(json!({"kid": "rs384", "use": "sig", "alg": "RS384"})),
+                    rsa_jwk(json!({"kid": "any", "key_ops": ["verify"]})),
+                ],
+                &[Algorithm::RS256, Algorithm::RS384, Algorithm::PS256],
+            );
+            for kid in ["enc", "wrap", "oaep"] {
+                assert_eq!(
+                    auth.verify(&rsa_token(Algorithm::RS256, Some(kid))),
+                    Err(AuthError::InvalidToken),
+                    "{kid}"
+                );
+            }
+            // Declared for RS384: that algorithm only, not RS256 nor PS256 with the same key.
+            assert!(auth
+                .verify(&rsa_token(Algorithm::RS384, Some("rs384")))
+                .is_ok());
+            for alg in [Algorithm::RS256, Algorithm::PS256] {
+                assert_eq!(
+                    auth.verify(&rsa_token(alg, Some("rs384"))),
+                    Err(AuthError::InvalidToken),
+                    "{alg:?}"
+                );
+            }
+            // No `alg`: any algorithm of the key's family.
+            for alg in [Algorithm::RS256, Algorithm::PS256] {
+                assert!(auth.verify(&rsa_token(alg, Some("any"))).is_ok(), "{alg:?}");
+            }
+        }
+
+        #[test]
+        fn a_jwks_without_a_signing_key_is_a_configuration_error() {
+            let mut c = config(&[Algorithm::RS256]);
+            let set = json!({"keys": [rsa_jwk(json!({"use": "enc"}))]});
+            c.jwks = file(&serde_json::to_vec(&set).unwrap());
+            assert_eq!(Authenticator::new(&c).unwrap_err().setting, "JWT_JWKS_FILE");
+        }
+
+        #[test]
+        fn without_a_kid_every_key_of_the_family_is_tried() {
+            // A rollover: the old key first, the signing key second, both with a kid.
+            let mut old = rsa_jwk(json!({"kid": "old", "use": "sig"}));
+            let n = old["n"].as_str().unwrap().replacen('s', "t", 1);
+            old["n"] = json!(n);
+            let auth = jwks_auth(
+                vec![old, rsa_jwk(json!({"kid": "new", "use": "sig"}))],
+                &[Algorithm::RS256],
+            );
+            assert!(auth.verify(&rsa_token(Algorithm::RS256, None)).is_ok());
+            // A kid still narrows the choice to its key.
+            assert_eq!(
+                auth.verify(&rsa_token(Algorithm::RS256, Some("old"))),
+                Err(AuthError::InvalidToken)
+            );
+            // And a token no key signed is refused after all were tried.
+            let forged = rsa_token(Algorithm::RS256, None);
+            let mut tampered = forged.clone();
+            tampered.replace_range(forged.len() - 4.., "AAAA");
+            assert_eq!(auth.verify(&tampered), Err(AuthError::InvalidToken));
         }
 
         #[test]

@@ -2,8 +2,10 @@
 //!
 //! Shaped after hyper-util's `server_graceful` example: the accept loop races the shutdown
 //! signal, every connection is watched by a `GracefulShutdown`, and the drain is bounded.
-//! A connection must send its first byte and then its headers within the header timeout,
-//! so a client that connects and stalls cannot hold a socket forever.
+//! Every connection lives under a [`Deadline`]: without a request in flight for the header
+//! timeout (a silent client, a trickled head, half an HTTP/2 preface, an idle keep-alive or
+//! HTTP/2 connection), it is closed, so no client can hold a slot for longer than that
+//! without sending complete requests. HTTP/2 is bounded as well (see [`http2_limits`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,9 +18,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::deadline::{Deadline, DeadlineIo};
 use super::responses::HttpResponse;
 use super::routes::{self, ApiState};
 use crate::http::responses::ApiError;
@@ -83,10 +86,7 @@ pub async fn run(
         // Larger heads, or more than 100 headers, are answered 431 by hyper.
         .max_buf_size(64 * 1024)
         .max_headers(100);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
+    http2_limits(&mut builder);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -114,17 +114,22 @@ pub async fn run(
         let site = site.clone();
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
-        let first_byte_timeout = limits.header_read_timeout;
+        let deadline = Deadline::new(limits.header_read_timeout);
         tokio::spawn(async move {
             let _slot = slot;
-            if !first_byte_arrives(&stream, first_byte_timeout).await {
-                return;
-            }
+            let io = TokioIo::new(DeadlineIo::new(stream, Arc::clone(&deadline)));
             let service = service_fn(move |req| {
+                // hyper calls the service once the head is complete: from here until the
+                // answer is ready the connection is not idle.
+                let in_flight = deadline.request();
                 let site = site.clone();
-                async move { Ok::<_, Infallible>(site.answer(req).await) }
+                async move {
+                    let response = site.answer(req).await;
+                    drop(in_flight);
+                    Ok::<_, Infallible>(response)
+                }
             });
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let conn = builder.serve_connection(io, service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
@@ -139,8 +144,31 @@ pub async fn run(
     }
 }
 
-/// Waits for the client's first byte (hyper's header timeout starts only after it).
-async fn first_byte_arrives(stream: &TcpStream, timeout: Duration) -> bool {
-    let mut buf = [0u8; 1];
-    matches!(tokio::time::timeout(timeout, stream.peek(&mut buf)).await, Ok(Ok(n)) if n > 0)
+/// How long an HTTP/2 connection may go between pings while a request runs.
+pub const HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long the client has to answer a ping before its connection is closed.
+pub const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Streams a client may have open at once on one connection.
+pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// The largest header list (decoded, RFC 9113 §6.5.2) a request may send: as for HTTP/1.
+pub const HTTP2_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+/// Streams the client opened and reset before they were served (the "rapid reset" attack,
+/// CVE-2023-44487); past this the connection gets GOAWAY `ENHANCE_YOUR_CALM`.
+pub const HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Streams the server had to reset for the client's errors (CVE-2025-8671 "MadeYouReset");
+/// past this the connection gets GOAWAY.
+pub const HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
+
+/// The HTTP/2 limits, each named in SECURITY.md. The idle timeout is the connection's
+/// [`Deadline`], the same as for HTTP/1: hyper has none of its own for HTTP/2.
+fn http2_limits<E>(builder: &mut auto::Builder<E>) {
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(HTTP2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(HTTP2_KEEP_ALIVE_TIMEOUT)
+        .max_concurrent_streams(HTTP2_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(HTTP2_MAX_HEADER_LIST_SIZE)
+        .max_pending_accept_reset_streams(HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS);
 }

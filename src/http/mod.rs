@@ -1,6 +1,7 @@
 //! HTTP in: the listener, its routes, bearer authentication, and every response body.
 //!
 //! - [`listener`]: accept loop, connection limits, graceful drain;
+//! - [`deadline`]: the idle deadline that closes connections without a request in flight;
 //! - [`routes`]: dispatch, the ensure flow, health and readiness;
 //! - [`auth`]: `Authorization: Bearer` → verified identity;
 //! - [`cors`]: which browser origins may call the API, and the CORS headers;
@@ -8,6 +9,7 @@
 
 pub mod auth;
 pub mod cors;
+pub mod deadline;
 pub mod listener;
 pub mod responses;
 pub mod routes;

@@ -294,15 +294,9 @@ async fn request_status(
     let Some(ingress) = &state.ingress else {
         return Err(ApiError::NotFound);
     };
-    let request_id = req.uri().path()[REQUESTS_PREFIX.len()..].to_string();
-    if request_id.is_empty()
-        || request_id.len() > 64
-        || !request_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    {
-        return Err(ApiError::NotFound);
-    }
+    let request_id = request_id_of(req.uri().path())
+        .ok_or(ApiError::NotFound)?
+        .to_string();
     let record = tokio::time::timeout(
         Duration::from_secs(1),
         ingress.status_of(&identity.user_id, &request_id),
@@ -317,6 +311,16 @@ async fn request_status(
         }
         _ => Err(ApiError::NotFound),
     }
+}
+
+/// The request id of a request-status path, or `None` when the path names none: ids are
+/// 1–64 ASCII letters, digits and dashes, so nothing else ever reaches a Redis key.
+pub fn request_id_of(path: &str) -> Option<&str> {
+    let id = path.strip_prefix(REQUESTS_PREFIX)?;
+    let usable = !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    usable.then_some(id)
 }
 
 async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
@@ -453,4 +457,38 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
 
 fn answer(outcome: &'static str) {
     metrics::counter!(telemetry::ANSWERS, "outcome" => outcome).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn request_ids_are_read_from_their_path_only() {
+        let id = "0b7e6a1c-5a5e-4b9e-9a53-1d2f3c4b5a69";
+        assert_eq!(request_id_of(&format!("{REQUESTS_PREFIX}{id}")), Some(id));
+        for bad in [
+            REQUESTS_PREFIX.to_string(),
+            format!("{REQUESTS_PREFIX}a/b"),
+            format!("{REQUESTS_PREFIX}a%20b"),
+            format!("{REQUESTS_PREFIX}{}", "a".repeat(65)),
+            format!("{REQUESTS_PREFIX}é"),
+            "/api/v1/auth/ensure-user/requests".to_string(),
+            "/elsewhere/x".to_string(),
+        ] {
+            assert_eq!(request_id_of(&bad), None, "{bad:?}");
+        }
+    }
+
+    proptest! {
+        /// Whatever the path, the id found is a usable key part, and never a panic.
+        #[test]
+        fn any_path_gives_a_safe_id_or_none(path in "\\PC{0,200}", tail in "[ -~]{0,100}") {
+            let _ = request_id_of(&path);
+            if let Some(id) = request_id_of(&format!("{REQUESTS_PREFIX}{tail}")) {
+                prop_assert!(id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+            }
+        }
+    }
 }

@@ -91,6 +91,25 @@ impl DeadLetter {
     }
 }
 
+/// The fields a dead letter goes back onto its ingress stream with: the original entry's,
+/// byte for byte, without the `dead_*` ones, and with an empty `reply_to`.
+pub fn replay_fields(letter: &RawEntry) -> Vec<(&[u8], &[u8])> {
+    letter
+        .fields
+        .iter()
+        .flatten()
+        .filter(|(name, _)| !name.starts_with(DEAD_PREFIX))
+        .map(|(name, value)| {
+            // The listener that waited is long gone; nobody waits for a replay.
+            if name.as_slice() == super::ingress::fields::REPLY_TO.as_bytes() {
+                (name.as_slice(), &b""[..])
+            } else {
+                (name.as_slice(), value.as_slice())
+            }
+        })
+        .collect()
+}
+
 /// Operator tools over the dead-letter streams (one per ingress shard).
 pub struct DeadLetters {
     conn: RedisConn,
@@ -155,17 +174,8 @@ impl DeadLetters {
             .key(stream)
             .key(super::dead_stream(stream))
             .arg(&letter.id);
-        for (name, value) in letter.fields.iter().flatten() {
-            if name.starts_with(DEAD_PREFIX) {
-                continue;
-            }
-            invocation.arg(name.as_slice());
-            // The listener that waited is long gone; nobody waits for a replay.
-            if name.as_slice() == super::ingress::fields::REPLY_TO.as_bytes() {
-                invocation.arg("");
-            } else {
-                invocation.arg(value.as_slice());
-            }
+        for (name, value) in replay_fields(letter) {
+            invocation.arg(name).arg(value);
         }
         let mut conn = self.conn.clone();
         invocation.invoke_async(&mut conn).await
@@ -201,5 +211,49 @@ impl DeadLetters {
             };
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_replay_drops_the_dead_fields_and_the_waiting_listener() {
+        let letter = RawEntry {
+            id: "1-0".into(),
+            fields: Some(vec![
+                (b"user_id".to_vec(), b"u1".to_vec()),
+                (b"reply_to".to_vec(), b"listener-7".to_vec()),
+                (b"\xffodd".to_vec(), b"\x00v".to_vec()),
+                (b"dead_reason".to_vec(), b"why".to_vec()),
+            ]),
+            deliveries: 1,
+        };
+        assert_eq!(
+            replay_fields(&letter),
+            vec![
+                (&b"user_id"[..], &b"u1"[..]),
+                (&b"reply_to"[..], &b""[..]),
+                (&b"\xffodd"[..], &b"\x00v"[..]),
+            ]
+        );
+    }
+
+    proptest! {
+        /// Any RESP reply read as a dead-letter stream decodes, lists and replays without
+        /// a panic: what an operator's command does with whatever the stream holds.
+        #[test]
+        fn any_reply_decodes_as_dead_letters(raw in proptest::collection::vec(any::<u8>(), 0..400)) {
+            if let Ok(value) = redis::parse_redis_value(&raw) {
+                for letter in crate::queue::parse_entries(&value) {
+                    let _ = replay_fields(&letter);
+                    let _ = crate::commands::letter_json("stream:ensure-user", &letter);
+                    let _ = letter.field(fields::REASON);
+                    let _ = letter.id_millis();
+                }
+            }
+        }
     }
 }

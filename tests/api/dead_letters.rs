@@ -12,11 +12,11 @@ const DEAD: &str = "stream:ensure-user:dead";
 const ODD_NAME: &[u8] = b"\xffname";
 const ODD_VALUE: &[u8] = b"\xfe\x00v";
 
-/// Settings for the one-shot commands: only the queue's Redis is ever used.
+/// Settings for the one-shot commands: only the queue's Redis is ever used (no
+/// `JWT_SECRET`: they never verify a token).
 fn cli_vars(queue: &RedisServer) -> Vec<(String, String)> {
     vec![
         ("REDIS_URL".to_string(), queue.url()),
-        ("JWT_SECRET".to_string(), SECRET.to_string()),
         (
             "PATH".to_string(),
             std::env::var("PATH").unwrap_or_default(),

@@ -5,6 +5,7 @@ mod auth;
 mod browser;
 mod claims;
 mod cluster;
+mod connections;
 mod cors;
 mod crashes;
 mod dead_letters;

@@ -179,3 +179,76 @@ async fn logs_never_carry_tokens_secrets_or_emails() {
         assert!(!logs.contains(email), "{email} leaked into the log");
     }
 }
+
+#[tokio::test]
+async fn a_dotenv_is_read_from_the_working_folder_only() {
+    let parent = tempfile::tempdir().unwrap();
+    let work = parent.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    std::fs::write(parent.path().join(".env"), format!("JWT_SECRET={SECRET}\n")).unwrap();
+    let token_in_work = || {
+        Command::new(env!("CARGO_BIN_EXE_ensure-user"))
+            .args(["token", "--user-id", "u1", "--email", "u1@example.com"])
+            .current_dir(&work)
+            .env_clear()
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // The parent folder's .env is not this process's.
+    let output = token_in_work();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("configuration error: JWT_SECRET: "),
+        "{stderr}"
+    );
+    // The working folder's is.
+    std::fs::write(work.join(".env"), format!("JWT_SECRET={SECRET}\n")).unwrap();
+    let output = token_in_work();
+    assert!(output.status.success(), "{output:?}");
+}
+
+#[tokio::test]
+async fn operator_commands_start_without_the_token_secret() {
+    let queue = RedisServer::start().await;
+    let engine = RedisServer::start().await;
+    let path = std::env::var("PATH").unwrap_or_default();
+    let vars = vec![
+        ("REDIS_URL".to_string(), queue.url()),
+        ("ENGINE_REDIS_URL".to_string(), engine.url()),
+        ("PATH".to_string(), path),
+    ];
+    for args in [
+        &["dead-letters", "list"][..],
+        &["dead-letters", "list", "--json"],
+        &["dead-letters", "purge"],
+        &["dead-letters", "replay", "--all"],
+    ] {
+        run_cli(args, &vars);
+    }
+    // The reference Engine runs until stopped: it has started when it answers a command.
+    let mut stub = Command::new(env!("CARGO_BIN_EXE_ensure-user"))
+        .args(["engine-stub", "--from-start"])
+        .env_clear()
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut conn = engine.conn().await;
+    let _: String = redis::cmd("XADD")
+        .arg("stream:exness")
+        .arg("*")
+        .arg("message")
+        .arg(expected_command("op-1", "op-1@example.com", "req-op-1"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    eventually("the engine stub to answer", || async {
+        (!engine.entries("stream:exnessReceive").await.is_empty()).then_some(())
+    })
+    .await;
+    let _ = stub.kill();
+    let _ = stub.wait();
+}
