@@ -47,10 +47,11 @@ pub enum Command {
         /// Read the Engine stream from its start instead of its end.
         #[arg(long)]
         from_start: bool,
-        /// Reply as the platform's older Engine does: `{"function","message"}` only, without
-        /// `requestId` or `correlationId`.
+        /// Behave like the platform's older Engine: read with `XREAD … $` one entry at a
+        /// time (missing what is published while it is busy or down), and reply with
+        /// `{"function","message"}` only, without `requestId` or `correlationId`.
         #[arg(long)]
-        without_ids: bool,
+        legacy: bool,
     },
 }
 

@@ -27,8 +27,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::EngineStub {
             drop_replies,
             from_start,
-            without_ids,
-        } => engine_stub(drop_replies, from_start, without_ids).await,
+            legacy,
+        } => engine_stub(drop_replies, from_start, legacy).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -54,7 +54,7 @@ async fn serve(mode: Mode) -> anyhow::Result<()> {
     app.run_until_stopped(stop).await
 }
 
-async fn engine_stub(drop_replies: u64, from_start: bool, without_ids: bool) -> anyhow::Result<()> {
+async fn engine_stub(drop_replies: u64, from_start: bool, legacy: bool) -> anyhow::Result<()> {
     // The stub needs only the Engine's side of the settings; no token secret.
     let url = std::env::var("ENGINE_REDIS_URL")
         .or_else(|_| std::env::var("REDIS_URL"))
@@ -71,7 +71,8 @@ async fn engine_stub(drop_replies: u64, from_start: bool, without_ids: bool) -> 
             reply_stream: var("ENGINE_REPLY_STREAM", "stream:exnessReceive"),
             drop_replies,
             from_start,
-            without_ids,
+            without_ids: legacy,
+            reads_from_dollar: legacy,
         },
         shutdown,
     )

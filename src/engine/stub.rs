@@ -3,8 +3,9 @@
 //! It reads `ENGINE_STREAM` the way the real Engine does (joins an entry's field values and
 //! parses the JSON), keeps users in memory, finds an existing one by `userId` or
 //! `userEmail`, and answers on `ENGINE_REPLY_STREAM` in the Engine's reply format. It can
-//! drop its first replies, to exercise `ENGINE_CONFIRM=ack`, and reply without ids, as
-//! the platform's older Engine does.
+//! drop its first replies, to exercise `ENGINE_CONFIRM=ack`, and behave like the
+//! platform's older Engine (`--legacy`): read with `XREAD … $` one entry at a time, and
+//! reply without ids.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -50,6 +51,9 @@ pub struct StubSettings {
     pub from_start: bool,
     /// Reply without `requestId`/`correlationId`, as the platform's older Engine does.
     pub without_ids: bool,
+    /// Read as the platform's older Engine does: `XREAD … $`, one entry at a time, so a
+    /// command published while it is busy or down is never seen.
+    pub reads_from_dollar: bool,
 }
 
 /// Runs the stub until shutdown.
@@ -69,13 +73,18 @@ pub async fn run(
     tracing::info!(stream = %settings.engine_stream, replies = %settings.reply_stream, "engine stub running");
     loop {
         let mut cmd = redis::cmd("XREAD");
+        let (count, from) = if settings.reads_from_dollar {
+            (1, "$")
+        } else {
+            (1000, last_id.as_str())
+        };
         cmd.arg("COUNT")
-            .arg(1000)
+            .arg(count)
             .arg("BLOCK")
             .arg(500)
             .arg("STREAMS")
             .arg(&settings.engine_stream)
-            .arg(&last_id);
+            .arg(from);
         let read = cmd.query_async::<Value>(&mut conn);
         let reply = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),

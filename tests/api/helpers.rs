@@ -412,6 +412,7 @@ impl TestApp {
 
 /// Runs the reference Engine on the app's Engine Redis (from the stream's start) until the
 /// returned token is cancelled; `without_ids` replies as the platform's older Engine.
+/// (For the older Engine's reads too, see [`start_legacy_stub`].)
 pub fn start_stub(app: &TestApp, without_ids: bool) -> CancellationToken {
     start_stub_dropping(app, without_ids, 0)
 }
@@ -422,6 +423,36 @@ pub fn start_stub_dropping(
     without_ids: bool,
     drop_replies: u64,
 ) -> CancellationToken {
+    spawn_stub(app, drop_replies, without_ids, false)
+}
+
+/// Runs the reference Engine as the platform's older Engine: reading with `XREAD … $`,
+/// replying without ids. Returns once it is reading (the client list shows its XREAD), so
+/// what is published next is seen.
+pub async fn start_legacy_stub(app: &TestApp) -> CancellationToken {
+    let stop = spawn_stub(app, 0, true, true);
+    let conn = app.engine.conn().await;
+    eventually("the legacy Engine to be reading", || {
+        let mut conn = conn.clone();
+        async move {
+            let clients: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            clients.contains("cmd=xread").then_some(())
+        }
+    })
+    .await;
+    stop
+}
+
+fn spawn_stub(
+    app: &TestApp,
+    drop_replies: u64,
+    without_ids: bool,
+    legacy: bool,
+) -> CancellationToken {
     let stop = CancellationToken::new();
     let engine = ensure_user::queue::connect(&app.engine.url(), Duration::from_secs(3)).unwrap();
     tokio::spawn(stub::run(
@@ -430,8 +461,9 @@ pub fn start_stub_dropping(
             engine_stream: "stream:exness".into(),
             reply_stream: "stream:exnessReceive".into(),
             drop_replies,
-            from_start: true,
+            from_start: !legacy,
             without_ids,
+            reads_from_dollar: legacy,
         },
         stop.clone(),
     ));

@@ -10,6 +10,7 @@ mod cors;
 mod crashes;
 mod dead_letters;
 mod durability;
+mod engines;
 mod ensure;
 mod faults;
 mod helpers;
