@@ -468,10 +468,7 @@ impl Config {
     pub fn from_vars<K: AsRef<str>, V: AsRef<str>>(
         vars: impl IntoIterator<Item = (K, V)>,
     ) -> Result<Self, ConfigError> {
-        let map: HashMap<String, String> = vars
-            .into_iter()
-            .map(|(k, v)| (k.as_ref().to_string(), v.as_ref().to_string()))
-            .collect();
+        let map = var_map(vars);
         Self::from_lookup(&|name| map.get(name).cloned())
     }
 
@@ -486,10 +483,7 @@ impl Config {
     pub fn operator_from_vars<K: AsRef<str>, V: AsRef<str>>(
         vars: impl IntoIterator<Item = (K, V)>,
     ) -> Result<Self, ConfigError> {
-        let map: HashMap<String, String> = vars
-            .into_iter()
-            .map(|(k, v)| (k.as_ref().to_string(), v.as_ref().to_string()))
-            .collect();
+        let map = var_map(vars);
         Self::read(&|name| map.get(name).cloned(), Tokens::Ignored)
     }
 
@@ -628,6 +622,15 @@ impl Config {
             self.ensure_shards,
         )
     }
+}
+
+/// Settings given as pairs, looked up by name.
+fn var_map<K: AsRef<str>, V: AsRef<str>>(
+    vars: impl IntoIterator<Item = (K, V)>,
+) -> HashMap<String, String> {
+    vars.into_iter()
+        .map(|(k, v)| (k.as_ref().to_string(), v.as_ref().to_string()))
+        .collect()
 }
 
 #[cfg(test)]

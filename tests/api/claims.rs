@@ -60,25 +60,13 @@ async fn an_engine_outage_longer_than_claim_idle_publishes_each_request_exactly_
     let request_ids = ensure_many(&app, "outage", 20).await;
 
     // The outage lasts four times CLAIM_IDLE_MS, as the entries' failure history shows.
-    let mut conn = app.queue.conn().await;
-    eventually("the entries to have failed for 4 s", || {
-        let mut conn = conn.clone();
-        async move {
-            let history: BTreeMap<String, String> = redis::cmd("HGETALL")
-                .arg(StatusKeys::failures_key("stream:ensure-user"))
-                .query_async(&mut conn)
-                .await
-                .ok()?;
-            let firsts: Vec<u64> = history
-                .iter()
-                .filter(|(k, _)| k.ends_with(":first"))
-                .filter_map(|(_, v)| v.parse().ok())
-                .collect();
-            let newest_first = firsts.iter().max()?;
-            (firsts.len() == 20 && now_millis() - newest_first >= 4000).then_some(())
-        }
+    eventually("the entries to have failed for 4 s", || async {
+        let firsts = app.first_failures().await;
+        let newest_first = firsts.iter().max()?;
+        (firsts.len() == 20 && now_millis() - newest_first >= 4000).then_some(())
     })
     .await;
+    let mut conn = app.queue.conn().await;
     // Redis's own view: every entry read once, none taken over.
     let pending: redis::Value = redis::cmd("XPENDING")
         .arg("stream:ensure-user")
@@ -381,13 +369,7 @@ async fn wait_until(app: &TestApp, what: &str, check: impl Fn(u64) -> bool) {
 
 #[tokio::test]
 async fn ack_mode_with_an_engine_that_echoes_no_ids() {
-    let app = spawn_app_with(|v| {
-        set(v, "ENGINE_CONFIRM", "ack");
-        set(v, "ENGINE_CONFIRM_TIMEOUT_MS", "300");
-        set(v, "ENGINE_CONFIRM_MAX_ATTEMPTS", "3");
-        set(v, "ENSURE_WAIT_MS", "10000");
-    })
-    .await;
+    let app = spawn_ack_app(300, 3, 10_000).await;
     let stub = start_stub(&app, true);
 
     // A new user: the older Engine answers with the user id, which confirms it.
@@ -436,27 +418,14 @@ async fn ack_mode_with_an_engine_that_echoes_no_ids() {
 
 #[tokio::test]
 async fn ack_mode_shows_retrying_engine_unconfirmed_while_it_republishes() {
-    let app = spawn_app_with(|v| {
-        set(v, "ENGINE_CONFIRM", "ack");
-        set(v, "ENGINE_CONFIRM_TIMEOUT_MS", "200");
-        set(v, "ENGINE_CONFIRM_MAX_ATTEMPTS", "50");
-        set(v, "ENSURE_WAIT_MS", "0");
-    })
-    .await;
+    let app = spawn_ack_app(200, 50, 0).await;
     // No Engine runs: nothing ever replies.
     let token = token("unheard", "unheard@example.com");
     let r = app.ensure(&token).await;
     assert_eq!(r.status(), 202);
     let location = r.headers()["location"].to_str().unwrap().to_string();
     let record: Value = eventually("the status to say retrying", || async {
-        let r = app
-            .client
-            .get(app.url(&location))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        let record: Value = r.json().await.ok()?;
+        let record = app.request_status(&location, &token).await?;
         (record["state"] == "retrying").then_some(record)
     })
     .await;
@@ -477,24 +446,10 @@ async fn an_engine_redis_frozen_mid_publication_gets_each_command_once() {
     // ...when it freezes: the XADDs sent meanwhile wait in its socket and run when it wakes.
     app.engine.freeze();
     request_ids.extend(ensure_many(&app, "frozen", 5).await);
-    let conn = app.queue.conn().await;
-    eventually("publications to have failed a few times", || {
-        let mut conn = conn.clone();
-        async move {
-            let history: BTreeMap<String, String> = redis::cmd("HGETALL")
-                .arg(StatusKeys::failures_key("stream:ensure-user"))
-                .query_async(&mut conn)
-                .await
-                .ok()?;
-            let firsts: Vec<u64> = history
-                .iter()
-                .filter(|(k, _)| k.ends_with(":first"))
-                .filter_map(|(_, v)| v.parse().ok())
-                .collect();
-            // Each publication waits 2 s for its answer: two of them failed by now.
-            let oldest_first = firsts.iter().min()?;
-            (now_millis() - oldest_first >= 2500).then_some(())
-        }
+    // Each publication waits 2 s for its answer: two of them failed by now.
+    eventually("publications to have failed a few times", || async {
+        let oldest_first = *app.first_failures().await.iter().min()?;
+        (now_millis() - oldest_first >= 2500).then_some(())
     })
     .await;
     app.engine.thaw();

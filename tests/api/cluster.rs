@@ -134,6 +134,18 @@ impl RedisCluster {
     }
 }
 
+/// Settings of an app whose queue is the cluster at `urls`, split over three shards.
+fn cluster_vars(
+    urls: &str,
+    engine: &RedisServer,
+    dir: &tempfile::TempDir,
+) -> Vec<(String, String)> {
+    let mut vars = test_vars(engine, engine, &dir.path().join("users.db"));
+    set(&mut vars, "REDIS_URL", urls);
+    set(&mut vars, "ENSURE_SHARDS", "3");
+    vars
+}
+
 impl Drop for RedisCluster {
     fn drop(&mut self) {
         for child in &mut self.children {
@@ -148,10 +160,7 @@ async fn the_queue_runs_on_a_redis_cluster_split_over_three_shards() {
     let cluster = RedisCluster::start().await;
     let engine = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("users.db");
-    let mut vars = test_vars(&engine, &engine, &db);
-    set(&mut vars, "REDIS_URL", &cluster.urls());
-    set(&mut vars, "ENSURE_SHARDS", "3");
+    let vars = cluster_vars(&cluster.urls(), &engine, &dir);
     let app = Application::build(Config::from_vars(vars).unwrap(), Mode::Serve)
         .await
         .unwrap();
@@ -176,7 +185,7 @@ async fn the_queue_runs_on_a_redis_cluster_split_over_three_shards() {
         request_ids.push((token, json["requestId"].as_str().unwrap().to_string()));
     }
 
-    assert_eq!(rows(&db).len(), 30);
+    assert_eq!(rows(&dir.path().join("users.db")).len(), 30);
     assert_eq!(engine.entries("stream:exness").await.len(), 30);
     // Each shard has its own hash-tagged stream with its consumer group, and users were
     // spread over all of them (their status records sit beside their shard's stream).
@@ -239,10 +248,7 @@ async fn a_cluster_that_is_down_at_start_gets_503_until_it_comes_up() {
     let ports = cluster_ports();
     let engine = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("users.db");
-    let mut vars = test_vars(&engine, &engine, &db);
-    set(&mut vars, "REDIS_URL", &cluster_urls(&ports));
-    set(&mut vars, "ENSURE_SHARDS", "3");
+    let vars = cluster_vars(&cluster_urls(&ports), &engine, &dir);
     // Nothing listens on the cluster's ports yet: the process starts all the same.
     let app = Application::build(Config::from_vars(vars).unwrap(), Mode::Serve)
         .await
@@ -275,10 +281,7 @@ async fn outcomes_still_reach_a_listener_after_a_cluster_node_dies() {
     let mut cluster = RedisCluster::start().await;
     let engine = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("users.db");
-    let mut vars = test_vars(&engine, &engine, &db);
-    set(&mut vars, "REDIS_URL", &cluster.urls());
-    set(&mut vars, "ENSURE_SHARDS", "3");
+    let mut vars = cluster_vars(&cluster.urls(), &engine, &dir);
     set(&mut vars, "ENSURE_WAIT_MS", "1000");
     // A listener and a worker apart: outcomes travel by PUBLISH through the cluster.
     let start = |mode| {

@@ -122,11 +122,7 @@ async fn purge_removes_dead_letters() {
 
 #[tokio::test]
 async fn ack_mode_republishes_when_the_engine_reply_is_lost() {
-    let app = spawn_app_with(|v| {
-        set(v, "ENGINE_CONFIRM", "ack");
-        set(v, "ENGINE_CONFIRM_TIMEOUT_MS", "300");
-    })
-    .await;
+    let app = spawn_ack_app(300, 5, 5000).await;
     let stop_stub = start_stub_dropping(&app, false, 1);
 
     let response = app.ensure(&token("acked", "acked@example.com")).await;

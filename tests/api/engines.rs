@@ -103,13 +103,7 @@ async fn publish_mode_with_the_older_engine_misses_what_it_did_not_see_until_a_r
 
 #[tokio::test]
 async fn ack_mode_with_the_older_engine_republishes_until_it_sees_a_new_user() {
-    let app = spawn_app_with(|v| {
-        set(v, "ENGINE_CONFIRM", "ack");
-        set(v, "ENGINE_CONFIRM_TIMEOUT_MS", "300");
-        set(v, "ENGINE_CONFIRM_MAX_ATTEMPTS", "50");
-        set(v, "ENSURE_WAIT_MS", "0");
-    })
-    .await;
+    let app = spawn_ack_app(300, 50, 0).await;
     // The Engine is down when the command is first published.
     let token = token("late", "late@example.com");
     let r = app.ensure(&token).await;
@@ -121,14 +115,7 @@ async fn ack_mode_with_the_older_engine_republishes_until_it_sees_a_new_user() {
     // no requestId) confirms the command.
     let stub = start_legacy_stub(&app).await;
     let record: Value = eventually("the request to be done", || async {
-        let r = app
-            .client
-            .get(app.url(&location))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .ok()?;
-        let record: Value = r.json().await.ok()?;
+        let record = app.request_status(&location, &token).await?;
         (record["state"] == "done").then_some(record)
     })
     .await;

@@ -276,6 +276,17 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Vec<(String, String)>)) -> 
     spawn_app_in(Mode::Serve, adjust).await
 }
 
+/// Spawns `serve` with `ENGINE_CONFIRM=ack` and these timings.
+pub async fn spawn_ack_app(timeout_ms: u64, max_attempts: u32, wait_ms: u64) -> TestApp {
+    spawn_app_with(|v| {
+        set(v, "ENGINE_CONFIRM", "ack");
+        set(v, "ENGINE_CONFIRM_TIMEOUT_MS", &timeout_ms.to_string());
+        set(v, "ENGINE_CONFIRM_MAX_ATTEMPTS", &max_attempts.to_string());
+        set(v, "ENSURE_WAIT_MS", &wait_ms.to_string());
+    })
+    .await
+}
+
 /// Spawns the app in `mode` with Redis servers of its own.
 pub async fn spawn_app_in(mode: Mode, adjust: impl FnOnce(&mut Vec<(String, String)>)) -> TestApp {
     let queue = RedisServer::start().await;
@@ -386,6 +397,33 @@ impl TestApp {
         self.stop.cancel();
         self.running.await.unwrap().unwrap();
         (self.queue, self.engine, self._dir)
+    }
+
+    /// When each entry of the ingress stream first failed (ms), from its failure history.
+    pub async fn first_failures(&self) -> Vec<u64> {
+        let mut conn = self.queue.conn().await;
+        let history: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg("stream:ensure-user:failures")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        history
+            .iter()
+            .filter(|(k, _)| k.ends_with(":first"))
+            .filter_map(|(_, v)| v.parse().ok())
+            .collect()
+    }
+
+    /// The status record a 202's `Location` leads to, as its user reads it.
+    pub async fn request_status(&self, location: &str, token: &str) -> Option<serde_json::Value> {
+        let r = self
+            .client
+            .get(self.url(location))
+            .bearer_auth(token)
+            .send()
+            .await
+            .ok()?;
+        r.json().await.ok()
     }
 
     /// The worker step of an app that runs workers.
