@@ -351,14 +351,16 @@ async fn resync_publishes_the_stored_pairs_and_resumes_after_a_user() {
     assert_eq!(engine.entries("stream:exness").await.len(), 5);
 }
 
-#[tokio::test]
-async fn resync_keeps_to_its_rate() {
+/// A SQLite store with five imported users `<prefix>0`…`<prefix>4`, an Engine Redis, and
+/// the settings that point at both.
+async fn five_users_stored(
+    prefix: &str,
+) -> (RedisServer, tempfile::TempDir, Vec<(String, String)>) {
     let engine = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("users.db");
-    let mut vars = sqlite_vars(&db);
+    let mut vars = sqlite_vars(&dir.path().join("users.db"));
     let csv: String = std::iter::once("userId,email\n".to_string())
-        .chain((0..5).map(|i| format!("r{i},r{i}@x.com\n")))
+        .chain((0..5).map(|i| format!("{prefix}{i},{prefix}{i}@x.com\n")))
         .collect();
     stdout(&run_cli_with_stdin(
         &["users", "import", "-"],
@@ -366,6 +368,12 @@ async fn resync_keeps_to_its_rate() {
         csv.as_bytes(),
     ));
     vars.push(("ENGINE_REDIS_URL".to_string(), engine.url()));
+    (engine, dir, vars)
+}
+
+#[tokio::test]
+async fn resync_keeps_to_its_rate() {
+    let (engine, _dir, mut vars) = five_users_stored("r").await;
     vars.push((
         "ENGINE_STREAM".to_string(),
         "stream:engine-of-test".to_string(),
@@ -384,19 +392,7 @@ async fn resync_keeps_to_its_rate() {
 
 #[tokio::test]
 async fn an_interrupted_resync_says_where_to_resume_and_resuming_publishes_the_rest() {
-    let engine = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("users.db");
-    let mut vars = sqlite_vars(&db);
-    let csv: String = std::iter::once("userId,email\n".to_string())
-        .chain((0..5).map(|i| format!("i{i},i{i}@x.com\n")))
-        .collect();
-    stdout(&run_cli_with_stdin(
-        &["users", "import", "-"],
-        &vars,
-        csv.as_bytes(),
-    ));
-    vars.push(("ENGINE_REDIS_URL".to_string(), engine.url()));
+    let (engine, _dir, vars) = five_users_stored("i").await;
 
     // One per second: after the first page it waits, and SIGINT ends the wait.
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_ensure-user"))
