@@ -171,6 +171,7 @@ impl Application {
             readiness,
             backlog: Arc::default(),
             max_backlog: config.queue_max_backlog,
+            body_timeout: config.header_read_timeout,
             cors: config.cors_allowed_origins.clone(),
             shutdown: shutdown.clone(),
         });

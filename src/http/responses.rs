@@ -42,6 +42,8 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("request body could not be read")]
     BadBody,
+    #[error("request body not received in time")]
+    BodyTimeout,
 }
 
 impl ApiError {
@@ -73,6 +75,16 @@ impl ApiError {
             }
             ApiError::PayloadTooLarge => {
                 let mut r = error(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large.");
+                // The rest of the body is never read, so this connection cannot be reused.
+                r.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+                r
+            }
+            ApiError::BodyTimeout => {
+                let mut r = error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "Request body not received in time.",
+                );
                 // The rest of the body is never read, so this connection cannot be reused.
                 r.headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));

@@ -162,6 +162,8 @@ pub struct ApiState {
     /// Unacknowledged entries, as last sampled by the [`crate::queue::monitor::QueueMonitor`].
     pub backlog: Arc<crate::queue::monitor::Backlog>,
     pub max_backlog: u64,
+    /// How long a request body may take (`HEADER_READ_TIMEOUT_MS`).
+    pub body_timeout: Duration,
     /// Browser origins allowed to call the API (`CORS_ALLOWED_ORIGINS`).
     pub cors: AllowedOrigins,
     pub shutdown: CancellationToken,
@@ -234,6 +236,7 @@ fn status_label(status: StatusCode) -> &'static str {
         401 => "401",
         404 => "404",
         405 => "405",
+        408 => "408",
         413 => "413",
         500 => "500",
         503 => "503",
@@ -267,22 +270,28 @@ async fn dispatch(state: &ApiState, req: Request<Incoming>) -> Result<HttpRespon
 }
 
 /// Reads and drops the body, refusing it once it passes [`MAX_BODY_BYTES`], so an
-/// oversized body is never buffered.
-async fn discard_body(mut body: Incoming) -> Result<(), ApiError> {
+/// oversized body is never buffered, or once it has taken longer than `limit`, so a body
+/// trickled a byte at a time cannot hold a connection slot (the head has its own limit).
+async fn discard_body(mut body: Incoming, limit: Duration) -> Result<(), ApiError> {
     if body.size_hint().lower() > MAX_BODY_BYTES {
         return Err(ApiError::PayloadTooLarge);
     }
-    let mut seen = 0u64;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|_| ApiError::BadBody)?;
-        if let Some(data) = frame.data_ref() {
-            seen += data.len() as u64;
-            if seen > MAX_BODY_BYTES {
-                return Err(ApiError::PayloadTooLarge);
+    let read = async {
+        let mut seen = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| ApiError::BadBody)?;
+            if let Some(data) = frame.data_ref() {
+                seen += data.len() as u64;
+                if seen > MAX_BODY_BYTES {
+                    return Err(ApiError::PayloadTooLarge);
+                }
             }
         }
-    }
-    Ok(())
+        Ok(())
+    };
+    tokio::time::timeout(limit, read)
+        .await
+        .map_err(|_| ApiError::BodyTimeout)?
 }
 
 /// `GET …/requests/<id>`: the request's state, for the user who made it only.
@@ -325,7 +334,7 @@ pub fn request_id_of(path: &str) -> Option<&str> {
 
 async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
     let (parts, body) = req.into_parts();
-    discard_body(body)
+    discard_body(body, state.body_timeout)
         .await
         .inspect_err(|_| answer("refused"))?;
     let identity = state.auth.authenticate(&parts.headers).inspect_err(|e| {

@@ -21,6 +21,8 @@ enum Stall {
     OneByte(u8),
     /// A request head, one byte every 500 ms: always sending, never finishing.
     Trickle,
+    /// A whole head, then its body one byte every 500 ms.
+    TrickledBody,
 }
 
 /// Reads until the server closes the connection; how long after `since` that was.
@@ -50,14 +52,28 @@ async fn stalled(app: &TestApp, stall: Stall) -> Duration {
             Stall::OneByte(b) => {
                 let _ = write.write_all(&[b]).await;
             }
-            Stall::Trickle => {
-                let head = format!("POST {ENSURE_PATH} HTTP/1.1\r\nHost: x\r\nX-Slow: ");
-                for b in head.bytes().chain(std::iter::repeat(b'a')) {
+            Stall::Trickle | Stall::TrickledBody => {
+                let (head, paced_from) = match stall {
+                    Stall::Trickle => (
+                        format!("POST {ENSURE_PATH} HTTP/1.1\r\nHost: x\r\nX-Slow: "),
+                        0,
+                    ),
+                    _ => {
+                        let head = format!(
+                            "POST {ENSURE_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+                        );
+                        let len = head.len();
+                        (head, len)
+                    }
+                };
+                for (i, b) in head.bytes().chain(std::iter::repeat(b'a')).enumerate() {
                     if write.write_all(&[b]).await.is_err() {
                         break;
                     }
-                    // Paces the slow client's bytes; it is what is under test, not a sync.
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    if i >= paced_from {
+                        // Paces the slow client's bytes; it is what is under test, not a sync.
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
                 }
             }
         }
@@ -125,6 +141,11 @@ async fn silent_clients_are_closed_within_the_header_timeout() {
 #[tokio::test]
 async fn a_head_trickled_byte_by_byte_is_cut_off_at_the_header_timeout() {
     stalled_clients_are_closed_and_the_listener_serves_again(Stall::Trickle).await;
+}
+
+#[tokio::test]
+async fn a_body_trickled_byte_by_byte_is_cut_off_at_the_header_timeout() {
+    stalled_clients_are_closed_and_the_listener_serves_again(Stall::TrickledBody).await;
 }
 
 #[tokio::test]
