@@ -290,6 +290,21 @@ async fn entries_of_an_earlier_shard_layout_are_drained_after_a_change() {
     let (queue, engine, dir) = before.stop_keeping_data().await;
     assert_eq!(queue.entries("stream:ensure-user").await.len(), 10);
 
+    // A listener of the new layout counts the old stream in its backlog (its own process:
+    // the metrics of in-process apps are shared).
+    let mut vars = test_vars(&queue, &engine, &dir.path().join("unused.db"));
+    set(&mut vars, "ENSURE_SHARDS", "3");
+    let listener = Process::spawn(&["listen"], &vars).await;
+    eventually(
+        "the backlog to count the earlier layout's entries",
+        || async {
+            let backlog = metric_at(listener.metrics_address, "ensure_user_queue_backlog").await;
+            (backlog == 10.0).then_some(())
+        },
+    )
+    .await;
+    drop(listener);
+
     // Three shards now: the old stream is no shard of theirs, and still drained.
     let after = spawn_app_on(queue, engine, dir, Mode::Serve, |v| {
         set(v, "ENSURE_SHARDS", "3")

@@ -433,18 +433,7 @@ impl TestApp {
 
     /// The value of an unlabelled metric on this process's `/metrics` (0 when absent).
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .client
-            .get(format!("http://{}/metrics", self.metrics_address))
-            .send()
-            .await
-            .expect("metrics answered")
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
+        metric_at(self.metrics_address, name).await
     }
 }
 
@@ -508,6 +497,19 @@ fn spawn_stub(
     stop
 }
 
+/// The value of an unlabelled metric on the `/metrics` at `address` (0 when absent).
+pub async fn metric_at(address: SocketAddr, name: &str) -> f64 {
+    let text = reqwest::get(format!("http://{address}/metrics"))
+        .await
+        .expect("metrics answered")
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 pub fn rows(db: &Path) -> Vec<(String, String)> {
     if !db.exists() {
         return Vec::new();
@@ -546,6 +548,7 @@ pub fn expected_command(user_id: &str, email: &str, request_id: &str) -> String 
 pub struct Process {
     pub child: Child,
     pub address: SocketAddr,
+    pub metrics_address: SocketAddr,
     log: tempfile::NamedTempFile,
 }
 
@@ -554,13 +557,14 @@ impl Process {
         let log = tempfile::NamedTempFile::new().unwrap();
         let port = free_port();
         let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let metrics_address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_ensure-user"))
             .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("LISTEN_ADDR", address.to_string())
-            .env("METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+            .env("METRICS_ADDR", metrics_address.to_string())
             .stdout(Stdio::null())
             .stderr(log.reopen().unwrap())
             .spawn()
@@ -568,6 +572,7 @@ impl Process {
         let process = Self {
             child,
             address,
+            metrics_address,
             log,
         };
         let client = reqwest::Client::new();
