@@ -2,7 +2,8 @@
 //!
 //! A dead letter keeps the original entry's fields byte for byte (names too, UTF-8 or not),
 //! plus why it died, so an operator can read it, repair what was wrong, and replay it.
-//! Writing a dead letter and acknowledging the original happen in one MULTI; replaying and
+//! Writing a dead letter and acknowledging the original happen in one script
+//! ([`super::lease::finish`]); replaying and
 //! removing it happen in one script: a crash in between can neither lose the entry nor
 //! double it, and a replay that Redis refuses leaves the letter where it was.
 

@@ -125,7 +125,7 @@ impl redis::aio::ConnectionLike for RedisConn {
 ///
 /// With one shard on a plain Redis the stream keeps its configured name. Otherwise shard
 /// `i` is `<ENSURE_STREAM>:{i}`: the hash tag puts each shard's stream, dead letters,
-/// failure history and status records in one cluster slot, so one MULTI can cover them.
+/// failure history and status records in one cluster slot, so one script can cover them.
 #[derive(Debug, Clone)]
 pub struct QueueTopology {
     pub nodes: Vec<String>,

@@ -2,8 +2,9 @@
 //!
 //! A record per request (`<ENSURE_STREAM>:request:<requestId>`, JSON, expiring after
 //! `OUTCOME_TTL_SECS`) answers `GET /api/v1/auth/ensure-user/requests/<id>`. The listener
-//! writes `queued` in the same MULTI as the XADD (still one round trip); workers move it to
-//! `retrying`, `done` or `dead` in their own pipelines. Records expire by themselves.
+//! writes `queued` in the XADD's pipeline (still one round trip) when it answers 202; workers
+//! move it to `retrying` in their own pipelines, and to `done` or `dead` in the script that
+//! finishes the entry. Records expire by themselves.
 //!
 //! The failure history (`<ENSURE_STREAM>:failures`, a hash keyed by entry id) remembers when
 //! an entry first and last failed and why, across deliveries and processes, so a dead
