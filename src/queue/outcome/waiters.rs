@@ -1,56 +1,13 @@
-//! Carrying a request's outcome back to the listener that is waiting for it.
-//!
-//! Each listener process has an id; each entry names it in `reply_to`. A worker finishing an
-//! entry of its own process completes the waiter in memory; any other entry's outcome is
-//! PUBLISHed on that listener's channel, which the listener reads with one subscriber
-//! connection. A lost notification only turns a 200 into a 202, never into a wrong answer.
+//! `Waiters`: the requests of this listener that wait for their outcome, by request id,
+//! and where concurrent ensures of one user meet to share an entry.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use futures_util::StreamExt as _;
-use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-/// How one ensure request ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "lowercase")]
-pub enum Outcome {
-    /// Stored and published; `user_id` is the canonical owner of the email.
-    Done {
-        #[serde(rename = "userId")]
-        user_id: String,
-    },
-    /// Failed for good and dead-lettered.
-    Dead { reason: String },
-}
-
-#[derive(Serialize, Deserialize)]
-struct OutcomeMessage {
-    #[serde(rename = "requestId")]
-    request_id: String,
-    #[serde(flatten)]
-    outcome: Outcome,
-}
-
-/// The pub/sub channel a listener reads its outcomes from.
-pub fn channel(ensure_stream: &str, listener_id: &str) -> String {
-    format!("{ensure_stream}:outcomes:{listener_id}")
-}
-
-/// What a waiting request hears.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Heard {
-    /// The entry it waits on finished.
-    Outcome(Outcome),
-    /// The shared entry finished, but its `createUser` may have gone out before this request
-    /// arrived: it must queue an entry of its own.
-    Requeue,
-    /// The shared entry's XADD failed: nothing was queued.
-    NotQueued,
-}
+use super::{Heard, Outcome};
 
 /// One queued entry of this listener and who waits on it.
 #[derive(Debug)]
@@ -243,203 +200,12 @@ impl Drop for Waiter {
     }
 }
 
-/// One finished request and where its outcome goes.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    pub reply_to: String,
-    pub request_id: String,
-    pub outcome: Outcome,
-}
-
-/// The workers' side: sends outcomes to whichever listener waits for them.
-#[derive(Clone)]
-pub struct OutcomeBus {
-    /// This process's listener, when it has one (`serve`).
-    local: Option<(String, Arc<Waiters>)>,
-    conn: super::RedisConn,
-    ensure_stream: String,
-    /// On a Redis Cluster, every node's URL: a PUBLISH goes to the node of the channel's
-    /// slot, and should that node be down, any other node carries it cluster-wide.
-    cluster_nodes: Vec<String>,
-}
-
-impl OutcomeBus {
-    pub fn new(
-        local: Option<(String, Arc<Waiters>)>,
-        conn: super::RedisConn,
-        ensure_stream: String,
-        cluster_nodes: Vec<String>,
-    ) -> Self {
-        Self {
-            local,
-            conn,
-            ensure_stream,
-            cluster_nodes,
-        }
-    }
-
-    /// Closes this listener's entries among `requests` to joiners: their `createUser` is
-    /// about to be published. (Entries of other listeners cannot be closed from here; their
-    /// joiners requeue instead, see [`Waiters::complete`].)
-    pub fn mark_publishing<'a>(&self, requests: impl Iterator<Item = (&'a str, &'a str)>) {
-        if let Some((id, waiters)) = &self.local {
-            for (reply_to, request_id) in requests {
-                if reply_to == id {
-                    waiters.mark_publishing(request_id);
-                }
-            }
-        }
-    }
-
-    /// Delivers outcomes: in memory when the waiter is in this process, else by PUBLISH.
-    /// Best effort by design: a lost outcome only means the client got a 202.
-    pub async fn deliver(&self, deliveries: Vec<Delivery>) {
-        let mut pipe = redis::pipe();
-        let mut remote = 0usize;
-        for d in deliveries {
-            if d.reply_to.is_empty() {
-                continue;
-            }
-            if let Some((id, waiters)) = &self.local {
-                if *id == d.reply_to {
-                    waiters.complete(&d.request_id, d.outcome, true);
-                    continue;
-                }
-            }
-            let message = OutcomeMessage {
-                request_id: d.request_id,
-                outcome: d.outcome,
-            };
-            let Ok(payload) = serde_json::to_string(&message) else {
-                continue;
-            };
-            pipe.cmd("PUBLISH")
-                .arg(channel(&self.ensure_stream, &d.reply_to))
-                .arg(payload)
-                .ignore();
-            remote += 1;
-        }
-        if remote > 0 {
-            let mut conn = self.conn.clone();
-            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-                if !self.publish_through_any_node(&pipe).await {
-                    tracing::warn!(error = %e, count = remote, "could not publish outcomes; those clients get 202");
-                }
-            }
-        }
-    }
-}
-
-impl OutcomeBus {
-    /// Sends the PUBLISH pipeline to the cluster's nodes in turn until one takes it (a
-    /// cluster propagates PUBLISH to every node); false when none did, or not a cluster.
-    async fn publish_through_any_node(&self, pipe: &redis::Pipeline) -> bool {
-        for url in &self.cluster_nodes {
-            let attempt = async {
-                let client = redis::Client::open(url.as_str())?;
-                let mut conn = client.get_multiplexed_async_connection().await?;
-                pipe.query_async::<()>(&mut conn).await
-            };
-            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(500), attempt).await {
-                return true;
-            }
-        }
-        false
-    }
-}
-
-/// Reads this listener's outcome channel until shutdown, reconnecting after failures.
-///
-/// On a Redis Cluster a PUBLISH reaches every node, so any node will do: after a failure
-/// the next node of `REDIS_URL` is tried, and losing one node loses no outcome stream.
-pub async fn run_subscriber(
-    nodes: Vec<String>,
-    channel: String,
-    waiters: Arc<Waiters>,
-    shutdown: CancellationToken,
-) {
-    let clients: Vec<redis::Client> = nodes
-        .iter()
-        .filter_map(|url| redis::Client::open(url.as_str()).ok())
-        .collect();
-    if clients.is_empty() {
-        tracing::error!("no usable queue Redis URL; outcomes are not received (clients get 202)");
-        return;
-    }
-    let mut delay = Duration::from_millis(100);
-    let mut node = 0usize;
-    while !shutdown.is_cancelled() {
-        match subscribe_once(&clients[node], &channel, &waiters, &shutdown).await {
-            Ok(()) => delay = Duration::from_millis(100),
-            Err(e) => {
-                tracing::warn!(error = %e, node = %nodes[node], "outcome subscription lost; retrying");
-                node = (node + 1) % clients.len();
-                // Back off once every node has been tried.
-                if node == 0 {
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(delay) => {}
-        }
-    }
-}
-
-async fn subscribe_once(
-    client: &redis::Client,
-    channel: &str,
-    waiters: &Waiters,
-    shutdown: &CancellationToken,
-) -> redis::RedisResult<()> {
-    let connect = client.get_async_pubsub();
-    let mut pubsub = match tokio::time::timeout(Duration::from_secs(2), connect).await {
-        Ok(pubsub) => pubsub?,
-        Err(_) => {
-            return Err(redis::RedisError::from(std::io::Error::from(
-                std::io::ErrorKind::TimedOut,
-            )))
-        }
-    };
-    pubsub.subscribe(channel).await?;
-    tracing::debug!(channel, "subscribed to outcomes");
-    let mut messages = pubsub.on_message();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            msg = messages.next() => {
-                let Some(msg) = msg else {
-                    return Err(redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset)));
-                };
-                match serde_json::from_slice::<OutcomeMessage>(msg.get_payload_bytes()) {
-                    Ok(m) => {
-                        waiters.complete(&m.request_id, m.outcome, false);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "unreadable outcome message ignored"),
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn outcome_messages_have_a_stable_shape() {
-        let m = OutcomeMessage {
-            request_id: "r".into(),
-            outcome: Outcome::Done {
-                user_id: "u".into(),
-            },
-        };
-        assert_eq!(
-            serde_json::to_string(&m).unwrap(),
-            r#"{"requestId":"r","state":"done","userId":"u"}"#
-        );
-    }
+    use crate::queue::outcome::Outcome;
+    use std::time::Duration;
+    use tokio_util::sync::CancellationToken;
 
     fn soon() -> tokio::time::Instant {
         tokio::time::Instant::now() + Duration::from_secs(5)
