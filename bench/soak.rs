@@ -34,9 +34,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use ensure_user::clock::now_millis;
+use ensure_user::connection::{parse_entries, RawEntry};
 use ensure_user::http::auth::mint_token;
-use ensure_user::queue::dead_letters::now_millis;
-use ensure_user::queue::{parse_entries, RawEntry};
 use redis::aio::MultiplexedConnection;
 use tokio::task::JoinHandle;
 

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, EngineConfirm};
+use crate::connection;
 use crate::engine::confirm::{self, Confirmations};
 use crate::engine::EnginePublisher;
 use crate::http::auth::Authenticator;
@@ -77,7 +78,7 @@ impl Application {
         let shutdown = CancellationToken::new();
         let listener_id = uuid::Uuid::new_v4().simple().to_string();
         let waiters = Arc::new(outcome::Waiters::default());
-        let topology = config.queue_topology();
+        let topology = queue::QueueTopology::of(&config);
         let queue_conn = queue::connect_queue(&topology, config.enqueue_timeout).await?;
 
         // The group is created here when missing, so entries queued before any worker
@@ -110,7 +111,8 @@ impl Application {
                 config.store_options(),
             )
             .await?;
-            let engine_conn = queue::connect(&config.engine_redis_url, Duration::from_secs(2))?;
+            let engine_conn =
+                connection::connect(&config.engine_redis_url, Duration::from_secs(2))?;
             readiness.engine = Some(engine_conn.clone());
             readiness.store = Some(store.clone());
             let local = mode
@@ -232,7 +234,7 @@ impl Application {
         ));
         if self.mode.listens() {
             tracker.spawn(outcome::run_subscriber(
-                self.config.queue_topology().nodes,
+                queue::QueueTopology::of(&self.config).nodes,
                 outcome::channel(&self.config.ensure_stream, &self.api.listener_id),
                 Arc::clone(&self.api.waiters),
                 self.shutdown.clone(),
@@ -241,7 +243,7 @@ impl Application {
         tracker.spawn(
             QueueMonitor {
                 conn: self.api.readiness.queue.clone(),
-                shards: self.config.queue_topology().shards,
+                shards: queue::QueueTopology::of(&self.config).shards,
                 ensure_stream: self.config.ensure_stream.clone(),
                 group: self.config.ensure_group.clone(),
                 backlog: Arc::clone(&self.api.backlog),
@@ -261,7 +263,7 @@ impl Application {
             if let Some(confirm) = &ctx.confirm {
                 // Its own connection: the reader blocks on XREAD.
                 tracker.spawn(confirm::run_reply_reader(
-                    queue::connect(&self.config.engine_redis_url, Duration::from_secs(3))?,
+                    connection::connect(&self.config.engine_redis_url, Duration::from_secs(3))?,
                     self.config.engine_reply_stream.clone(),
                     Arc::clone(&confirm.confirmations),
                     self.shutdown.clone(),
@@ -270,7 +272,7 @@ impl Application {
             WorkerPool::new(
                 Arc::clone(ctx),
                 PoolSettings {
-                    topology: self.config.queue_topology(),
+                    topology: queue::QueueTopology::of(&self.config),
                     concurrency: self.config.worker_concurrency,
                     batch_size: self.config.worker_batch_size,
                     block: self.config.worker_block,
@@ -325,7 +327,7 @@ async fn watch_dependencies(api: Arc<ApiState>, shutdown: CancellationToken) {
 }
 
 /// Logs a warning when the queue's Redis would lose acknowledged entries on a restart.
-async fn warn_unless_durable(conn: &queue::RedisConn) {
+async fn warn_unless_durable(conn: &connection::RedisConn) {
     let mut conn = conn.clone();
     let settings: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
         .arg("GET")

@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use crate::app::{shutdown_signal, Application, Mode};
 use crate::cli::{Cli, Command, DeadLetterCommand, ImportFormat, UsersCommand};
 use crate::config::{Config, EngineSettings, StoreSettings};
+use crate::connection::{self, RawEntry};
 use crate::http::auth::mint_token;
+use crate::queue;
 use crate::queue::dead_letters::DeadLetters;
-use crate::queue::{self, RawEntry};
 use crate::telemetry;
 
 /// Runs a command and turns its result into the process's exit code. Every failure is one
@@ -62,7 +63,7 @@ async fn engine_stub(drop_replies: u64, from_start: bool, legacy: bool) -> anyho
     let var =
         |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
     telemetry::init_logging(crate::config::LogFormat::Text);
-    let conn = queue::connect(&url, std::time::Duration::from_secs(3))?;
+    let conn = connection::connect(&url, std::time::Duration::from_secs(3))?;
     let shutdown = stop_on_signal()?;
     crate::engine::stub::run(
         conn,
@@ -155,7 +156,8 @@ async fn users(command: UsersCommand) -> anyhow::Result<()> {
                 settings.options(),
             )
             .await?;
-            let conn = queue::connect(&engine.engine_redis_url, std::time::Duration::from_secs(5))?;
+            let conn =
+                connection::connect(&engine.engine_redis_url, std::time::Duration::from_secs(5))?;
             let publisher = crate::engine::EnginePublisher::new(
                 conn,
                 engine.engine_stream,
@@ -211,7 +213,7 @@ fn token(user_id: &str, email: &str, ttl: Option<u64>) -> anyhow::Result<()> {
 async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
     // An operator's tool: it never verifies a token, so it does not need the secret.
     let config = Config::operator_from_env()?;
-    let topology = config.queue_topology();
+    let topology = queue::QueueTopology::of(&config);
     let conn = queue::connect_queue(&topology, std::time::Duration::from_secs(5)).await?;
     // Dead letters of an earlier shard layout are still theirs to list, replay and purge.
     let mut shards = topology.shards.clone();

@@ -612,16 +612,6 @@ impl Config {
             statement_timeout: self.database_statement_timeout,
         }
     }
-
-    /// Where the queue lives and its shard streams.
-    pub fn queue_topology(&self) -> crate::queue::QueueTopology {
-        crate::queue::QueueTopology::new(
-            self.redis_nodes.clone(),
-            self.redis_cluster,
-            &self.ensure_stream,
-            self.ensure_shards,
-        )
-    }
 }
 
 /// Settings given as pairs, looked up by name.
@@ -651,7 +641,8 @@ mod tests {
         assert_eq!(c.redis_url, "redis://127.0.0.1:6379");
         assert_eq!(c.engine_redis_url, c.redis_url);
         assert_eq!(c.ensure_stream, "stream:ensure-user");
-        assert_eq!(c.queue_topology().shards, vec!["stream:ensure-user"]);
+        assert_eq!(c.redis_nodes, vec!["redis://127.0.0.1:6379"]);
+        assert_eq!(c.ensure_shards, 1);
         assert!(!c.redis_cluster);
         assert_eq!(c.ensure_group, "ensure-workers");
         assert_eq!(c.engine_stream, "stream:exness");

@@ -5,11 +5,15 @@
 //! [`queue`] makes it durable on a Redis stream and carries its outcome back, [`worker`]
 //! consumes the stream in batches, [`store`] upserts the users into SQLite and [`engine`]
 //! publishes `createUser` to the Engine's stream. [`app`] puts the parts together.
+//! Beneath them all: [`config`] (the settings), [`connection`] (Redis connections and
+//! stream replies, for the queue and the Engine alike) and [`clock`].
 
 pub mod app;
 pub mod cli;
+pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod connection;
 pub mod engine;
 pub mod http;
 pub mod queue;

@@ -4,7 +4,7 @@
 
 use ensure_user::commands::letter_json;
 use ensure_user::queue::dead_letters::{fields, replay_fields};
-use ensure_user::queue::parse_entries;
+use ensure_user::connection::parse_entries;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -3,7 +3,7 @@
 #![no_main]
 
 use ensure_user::queue::ingress::EnsureRequest;
-use ensure_user::queue::parse_read_reply;
+use ensure_user::connection::parse_read_reply;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -11,13 +11,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::queue::RedisConn;
+use crate::connection::RedisConn;
 use redis::Value;
 use serde::Deserialize;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::queue::{parse_read_reply, RawEntry};
+use crate::connection::{parse_read_reply, RawEntry};
 
 /// The reply the Engine writes after a `createUser`.
 #[derive(Debug, Deserialize)]
@@ -182,7 +182,7 @@ pub async fn run_reply_reader(
                 Some(id) => id.clone(),
                 None => {
                     // Start at the stream's current end: earlier replies are not for us.
-                    let id = crate::queue::stream_end_id(&mut conn, &stream).await?;
+                    let id = crate::connection::stream_end_id(&mut conn, &stream).await?;
                     last_id = Some(id.clone());
                     id
                 }

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::queue::RedisConn;
+use crate::connection::RedisConn;
 
 use super::command::{EngineCommand, MESSAGE_FIELD};
 
@@ -89,7 +89,7 @@ impl EnginePublisher {
                 .arg(PAGE);
             let read = cmd.query_async::<redis::Value>(&mut conn);
             let page = match tokio::time::timeout(self.timeout, read).await {
-                Ok(page) => crate::queue::parse_entries(&page?),
+                Ok(page) => crate::connection::parse_entries(&page?),
                 Err(_) => return Err(PublishError::Timeout(self.timeout)),
             };
             for entry in &page {

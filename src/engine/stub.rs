@@ -10,14 +10,14 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::queue::RedisConn;
+use crate::connection::RedisConn;
 use redis::Value;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::command::MESSAGE_FIELD;
 use super::confirm::parse_joined;
-use crate::queue::parse_read_reply;
+use crate::connection::parse_read_reply;
 
 #[derive(Deserialize)]
 struct Command {
@@ -68,7 +68,7 @@ pub async fn run(
     let mut last_id = if settings.from_start {
         "0-0".to_string()
     } else {
-        crate::queue::stream_end_id(&mut conn, &settings.engine_stream).await?
+        crate::connection::stream_end_id(&mut conn, &settings.engine_stream).await?
     };
     tracing::info!(stream = %settings.engine_stream, replies = %settings.reply_stream, "engine stub running");
     loop {

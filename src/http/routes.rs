@@ -17,7 +17,7 @@ use tracing::Instrument as _;
 use super::auth::Authenticator;
 use super::cors::AllowedOrigins;
 use super::responses::{self, ApiError, HttpResponse};
-use crate::queue::dead_letters::now_millis;
+use crate::clock::now_millis;
 use crate::queue::ingress::{EnsureRequest, Ingress};
 use crate::queue::outcome::{Heard, Outcome, Waiters};
 use crate::store::Store;
@@ -47,8 +47,8 @@ pub enum Dependency {
 /// never queues pings behind the store's writer, a frozen dependency costs a probe no wait,
 /// and one slow ping under load does not flip the answer.
 pub struct Readiness {
-    pub queue: crate::queue::RedisConn,
-    pub engine: Option<crate::queue::RedisConn>,
+    pub queue: crate::connection::RedisConn,
+    pub engine: Option<crate::connection::RedisConn>,
     pub store: Option<Store>,
     started: Instant,
     /// Per dependency: milliseconds after `started` of its last answer, plus one (0: never).
@@ -61,8 +61,8 @@ pub struct Readiness {
 
 impl Readiness {
     pub fn new(
-        queue: crate::queue::RedisConn,
-        engine: Option<crate::queue::RedisConn>,
+        queue: crate::connection::RedisConn,
+        engine: Option<crate::connection::RedisConn>,
         store: Option<Store>,
     ) -> Self {
         Self {
@@ -101,9 +101,9 @@ impl Readiness {
     pub async fn ping(&self, dependency: Dependency) {
         let timeout = READINESS_WINDOW;
         let up = match dependency {
-            Dependency::Queue => crate::queue::ping(&self.queue, timeout).await,
+            Dependency::Queue => crate::connection::ping(&self.queue, timeout).await,
             Dependency::Engine => match &self.engine {
-                Some(e) => crate::queue::ping(e, timeout).await,
+                Some(e) => crate::connection::ping(e, timeout).await,
                 None => true,
             },
             Dependency::Store => match &self.store {

@@ -7,10 +7,9 @@
 //! removing it happen in one script: a crash in between can neither lose the entry nor
 //! double it, and a replay that Redis refuses leaves the letter where it was.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use super::status::FailureHistory;
-use super::{RawEntry, RedisConn};
+use crate::clock::now_millis;
+use crate::connection::{RawEntry, RedisConn};
 
 /// Fields a dead letter adds to the original entry's.
 pub mod fields {
@@ -40,13 +39,6 @@ local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
 redis.call('XDEL', KEYS[2], ARGV[1])
 return id
 ";
-
-pub fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// One entry that failed for good.
 #[derive(Debug, Clone)]
@@ -134,7 +126,7 @@ impl DeadLetters {
                 .query_async(&mut conn)
                 .await?;
             all.extend(
-                super::parse_entries(&value)
+                crate::connection::parse_entries(&value)
                     .into_iter()
                     .map(|e| (stream.clone(), e)),
             );
@@ -155,7 +147,7 @@ impl DeadLetters {
                 .arg(id)
                 .query_async(&mut conn)
                 .await?;
-            if let Some(letter) = super::parse_entries(&value).into_iter().next() {
+            if let Some(letter) = crate::connection::parse_entries(&value).into_iter().next() {
                 return self.replay_letter(stream, &letter).await;
             }
         }
@@ -248,7 +240,7 @@ mod tests {
         #[test]
         fn any_reply_decodes_as_dead_letters(raw in proptest::collection::vec(any::<u8>(), 0..400)) {
             if let Ok(value) = redis::parse_redis_value(&raw) {
-                for letter in crate::queue::parse_entries(&value) {
+                for letter in crate::connection::parse_entries(&value) {
                     let _ = replay_fields(&letter);
                     let _ = crate::commands::letter_json("stream:ensure-user", &letter);
                     let _ = letter.field(fields::REASON);

@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use super::status::{RequestRecord, RequestState, StatusKeys};
-use super::{QueueTopology, RawEntry, RedisConn};
+use super::QueueTopology;
+use crate::connection::{RawEntry, RedisConn};
 
 /// Field names of an ingress entry.
 pub mod fields {

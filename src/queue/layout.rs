@@ -8,7 +8,7 @@
 //! too. Names a layout would have used before the registry existed (the plain stream, and
 //! up to [`PROBED_SHARDS`] hash-tagged shards) are probed as well.
 
-use super::RedisConn;
+use crate::connection::RedisConn;
 
 /// Shard streams `<ENSURE_STREAM>:{i}` probed for `i` below this, registry or not.
 pub const PROBED_SHARDS: usize = 16;

@@ -14,7 +14,7 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-use super::RedisConn;
+use crate::connection::RedisConn;
 
 /// Refreshes the idle time of the given entries that `consumer` still owns; returns those.
 const REFRESH: &str = r#"

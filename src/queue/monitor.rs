@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use redis::Value;
 
-use super::RedisConn;
+use crate::connection::RedisConn;
 use tokio_util::sync::CancellationToken;
 
 use crate::telemetry;

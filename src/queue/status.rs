@@ -10,10 +10,10 @@
 //! an entry first and last failed and why, across deliveries and processes, so a dead
 //! letter can say so. It is written only on failure and cleared when the entry is finished.
 
-use super::RedisConn;
+use crate::connection::RedisConn;
 use serde::{Deserialize, Serialize};
 
-use super::dead_letters::now_millis;
+use crate::clock::now_millis;
 
 /// Where a request stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,7 +20,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use super::job::WorkerContext;
-use crate::queue::{self, ingress, layout, QueueTopology, RawEntry, RedisConn};
+use crate::connection::{self, RawEntry, RedisConn};
+use crate::queue::{self, ingress, layout, QueueTopology};
 use crate::telemetry;
 
 /// Settings of the consumers of one process.
@@ -278,7 +279,7 @@ impl Consumer {
             .arg(">")
             .query_async(conn)
             .await?;
-        Ok(queue::parse_read_reply(&reply))
+        Ok(connection::parse_read_reply(&reply))
     }
 
     async fn process(&self, stream: &str, entries: Vec<RawEntry>) {
@@ -334,7 +335,7 @@ async fn claim(
     }
     // Only entries still idle are taken: a consumer that just got to one keeps it.
     let claimed: Value = cmd.query_async(conn).await?;
-    let mut entries = queue::parse_entries(&claimed);
+    let mut entries = connection::parse_entries(&claimed);
     for entry in &mut entries {
         let before = counts
             .iter()

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ensure_user::queue::dead_letters::now_millis;
+use ensure_user::clock::now_millis;
 use ensure_user::queue::lease::Lease;
 use ensure_user::queue::status::StatusKeys;
 use ensure_user::Mode;
@@ -147,7 +147,7 @@ async fn a_finisher_that_lost_its_entry_writes_no_status_outcome_or_dead_letter(
         .query_async(&mut conn)
         .await
         .unwrap();
-    let entries = ensure_user::queue::parse_read_reply(&read);
+    let entries = ensure_user::connection::parse_read_reply(&read);
     assert_eq!(entries.len(), 2);
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
     let _: redis::Value = redis::cmd("XCLAIM")

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ensure_user::connection::{parse_entries, RawEntry};
 use ensure_user::engine::stub::{self, StubSettings};
 use ensure_user::http::auth::mint_token;
 use ensure_user::queue::outcome::Waiters;
-use ensure_user::queue::{parse_entries, RawEntry};
 use ensure_user::worker::WorkerContext;
 use ensure_user::{Application, Config, Mode};
 use tokio::task::JoinHandle;
@@ -481,7 +481,8 @@ fn spawn_stub(
     legacy: bool,
 ) -> CancellationToken {
     let stop = CancellationToken::new();
-    let engine = ensure_user::queue::connect(&app.engine.url(), Duration::from_secs(3)).unwrap();
+    let engine =
+        ensure_user::connection::connect(&app.engine.url(), Duration::from_secs(3)).unwrap();
     tokio::spawn(stub::run(
         engine,
         StubSettings {

@@ -14,7 +14,7 @@ use super::{channel, Delivery, OutcomeMessage, Waiters};
 pub struct OutcomeBus {
     /// This process's listener, when it has one (`serve`).
     local: Option<(String, Arc<Waiters>)>,
-    conn: crate::queue::RedisConn,
+    conn: crate::connection::RedisConn,
     ensure_stream: String,
     /// On a Redis Cluster, every node's URL: a PUBLISH goes to the node of the channel's
     /// slot, and should that node be down, any other node carries it cluster-wide.
@@ -24,7 +24,7 @@ pub struct OutcomeBus {
 impl OutcomeBus {
     pub fn new(
         local: Option<(String, Arc<Waiters>)>,
-        conn: crate::queue::RedisConn,
+        conn: crate::connection::RedisConn,
         ensure_stream: String,
         cluster_nodes: Vec<String>,
     ) -> Self {

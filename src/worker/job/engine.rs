@@ -10,9 +10,9 @@ use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use futures_util::FutureExt as _;
 
 use super::{BatchReport, Decoded, EngineConfirmation, Stored, WorkerContext, ENGINE_UNCONFIRMED};
+use crate::clock::now_millis;
 use crate::engine::publisher::PublishError;
 use crate::engine::EngineCommand;
-use crate::queue::dead_letters::now_millis;
 use crate::queue::lease::Lease;
 use crate::telemetry;
 use crate::worker::retry::{JobError, StepError};

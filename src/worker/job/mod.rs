@@ -18,14 +18,15 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::retry::{JobError, RetryPolicy, StepError};
+use crate::clock::now_millis;
+use crate::connection::{RawEntry, RedisConn};
 use crate::engine::confirm::Confirmations;
 use crate::engine::EnginePublisher;
-use crate::queue::dead_letters::{now_millis, DeadLetter};
+use crate::queue::dead_letters::DeadLetter;
 use crate::queue::ingress::EnsureRequest;
 use crate::queue::lease::{self, Ending, Lease};
 use crate::queue::outcome::{Delivery, Outcome, OutcomeBus};
 use crate::queue::status::{RequestRecord, RequestState, StatusKeys};
-use crate::queue::{RawEntry, RedisConn};
 use crate::store::{NewUser, Resolution, Store};
 use crate::telemetry;
 
