@@ -6,7 +6,8 @@
 //! consumes the stream in batches, [`store`] upserts the users into SQLite and [`engine`]
 //! publishes `createUser` to the Engine's stream. [`app`] puts the parts together.
 //! Beneath them all: [`config`] (the settings), [`connection`] (Redis connections and
-//! stream replies, for the queue and the Engine alike) and [`clock`].
+//! stream replies, for the queue and the Engine alike) and [`clock`]; beside them,
+//! [`health`] (what `/readyz` reports).
 
 pub mod app;
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod commands;
 pub mod config;
 pub mod connection;
 pub mod engine;
+pub mod health;
 pub mod http;
 pub mod queue;
 pub mod store;

@@ -4,7 +4,6 @@
 //! wait (bounded) for the worker's outcome. The waiter is registered before the XADD so
 //! an outcome that arrives before the XADD's answer is not missed.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +19,6 @@ use super::responses::{self, ApiError, HttpResponse};
 use crate::clock::now_millis;
 use crate::queue::ingress::{EnsureRequest, Ingress};
 use crate::queue::outcome::{Heard, Outcome, Waiters};
-use crate::store::Store;
 use crate::telemetry;
 
 /// Bodies up to this size are read and ignored; larger ones are refused with 413.
@@ -28,127 +26,6 @@ pub const MAX_BODY_BYTES: u64 = 64 * 1024;
 
 const ENSURE_PATH: &str = "/api/v1/auth/ensure-user";
 const REQUESTS_PREFIX: &str = "/api/v1/auth/ensure-user/requests/";
-
-/// A dependency counts as up while it answered a ping within this long.
-pub const READINESS_WINDOW: Duration = Duration::from_secs(1);
-
-/// The dependencies `/readyz` reports, by the name it reports them under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dependency {
-    Queue,
-    Engine,
-    Store,
-}
-
-/// The dependencies `/readyz` asks, and when each last answered.
-///
-/// A sampler pings each dependency four times a second without waiting for earlier pings
-/// ([`Readiness::ping`]); `/readyz` only reads when each last answered. So a burst of probes
-/// never queues pings behind the store's writer, a frozen dependency costs a probe no wait,
-/// and one slow ping under load does not flip the answer.
-pub struct Readiness {
-    pub queue: crate::connection::RedisConn,
-    pub engine: Option<crate::connection::RedisConn>,
-    pub store: Option<Store>,
-    started: Instant,
-    /// Per dependency: milliseconds after `started` of its last answer, plus one (0: never).
-    answered: [AtomicU64; 3],
-    /// Per dependency: when a ping last failed (refused, or no answer in time), likewise.
-    failed: [AtomicU64; 3],
-    /// Per dependency: whether a ping has finished yet, answered or not.
-    asked: [AtomicBool; 3],
-}
-
-impl Readiness {
-    pub fn new(
-        queue: crate::connection::RedisConn,
-        engine: Option<crate::connection::RedisConn>,
-        store: Option<Store>,
-    ) -> Self {
-        Self {
-            queue,
-            engine,
-            store,
-            started: Instant::now(),
-            answered: Default::default(),
-            failed: Default::default(),
-            asked: Default::default(),
-        }
-    }
-
-    /// The dependencies this process uses.
-    pub fn dependencies(&self) -> Vec<Dependency> {
-        let mut all = vec![Dependency::Queue];
-        if self.engine.is_some() {
-            all.push(Dependency::Engine);
-        }
-        if self.store.is_some() {
-            all.push(Dependency::Store);
-        }
-        all
-    }
-
-    /// The name `/readyz` and the `dependency_up` gauge use.
-    pub fn name(&self, dependency: Dependency) -> &'static str {
-        match dependency {
-            Dependency::Queue => "queue_redis",
-            Dependency::Engine => "engine_redis",
-            Dependency::Store => self.store.as_ref().map_or("sqlite", Store::name),
-        }
-    }
-
-    /// Pings one dependency (at most a second) and notes when it answered.
-    pub async fn ping(&self, dependency: Dependency) {
-        let timeout = READINESS_WINDOW;
-        let up = match dependency {
-            Dependency::Queue => crate::connection::ping(&self.queue, timeout).await,
-            Dependency::Engine => match &self.engine {
-                Some(e) => crate::connection::ping(e, timeout).await,
-                None => true,
-            },
-            Dependency::Store => match &self.store {
-                Some(s) => matches!(tokio::time::timeout(timeout, s.ping()).await, Ok(Ok(()))),
-                None => true,
-            },
-        };
-        let i = dependency as usize;
-        let at = self.started.elapsed().as_millis() as u64 + 1;
-        if up {
-            self.answered[i].fetch_max(at, Ordering::Relaxed);
-        } else {
-            self.failed[i].fetch_max(at, Ordering::Relaxed);
-        }
-        self.asked[i].store(true, Ordering::Relaxed);
-    }
-
-    /// Names of the dependencies whose last ping failed, or that have not answered within
-    /// [`READINESS_WINDOW`]. Before the sampler's first pings have finished, asks them now.
-    pub async fn failing(&self) -> Vec<&'static str> {
-        let unasked: Vec<Dependency> = self
-            .dependencies()
-            .into_iter()
-            .filter(|d| !self.asked[*d as usize].load(Ordering::Relaxed))
-            .collect();
-        futures_util::future::join_all(unasked.into_iter().map(|d| self.ping(d))).await;
-        self.failing_as_sampled()
-    }
-
-    /// [`Readiness::failing`] from the samples alone, never waiting (a dependency not asked
-    /// yet counts as failing).
-    pub fn failing_as_sampled(&self) -> Vec<&'static str> {
-        let now = self.started.elapsed().as_millis() as u64 + 1;
-        let window = READINESS_WINDOW.as_millis() as u64;
-        self.dependencies()
-            .into_iter()
-            .filter(|d| {
-                let at = self.answered[*d as usize].load(Ordering::Relaxed);
-                let failed = self.failed[*d as usize].load(Ordering::Relaxed);
-                at == 0 || failed > at || now.saturating_sub(at) > window
-            })
-            .map(|d| self.name(d))
-            .collect()
-    }
-}
 
 /// What the API routes share.
 pub struct ApiState {
@@ -158,7 +35,7 @@ pub struct ApiState {
     pub waiters: Arc<Waiters>,
     pub listener_id: String,
     pub wait: Duration,
-    pub readiness: Readiness,
+    pub readiness: crate::health::Readiness,
     /// Unacknowledged entries, as last sampled by the [`crate::queue::monitor::QueueMonitor`].
     pub backlog: Arc<crate::queue::monitor::Backlog>,
     pub max_backlog: u64,
