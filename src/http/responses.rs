@@ -140,51 +140,39 @@ fn unauthorized(message: &str) -> HttpResponse {
     r
 }
 
+/// The body of a 200 and of a 202: the contract's `success`, `message` and `userId`.
 #[derive(Serialize)]
-struct Ensured<'a> {
+struct Accepted<'a> {
     success: bool,
     message: &'a str,
     #[serde(rename = "userId")]
     user_id: &'a str,
-    /// Extra to the contract's fields: lets a client match the Engine's command.
+    /// Extra to the contract's fields: lets a client match the Engine's command, and follow
+    /// a 202.
     #[serde(rename = "requestId")]
     request_id: &'a str,
 }
 
-/// 200: stored and published within the wait; `user_id` is the canonical id.
-pub fn ensured(user_id: &str, request_id: &str) -> HttpResponse {
+fn accepted(status: StatusCode, message: &str, user_id: &str, request_id: &str) -> HttpResponse {
     json(
-        StatusCode::OK,
-        &Ensured {
+        status,
+        &Accepted {
             success: true,
-            message: ENSURED_MESSAGE,
+            message,
             user_id,
             request_id,
         },
     )
 }
 
-#[derive(Serialize)]
-struct Initiated<'a> {
-    success: bool,
-    message: &'a str,
-    #[serde(rename = "userId")]
-    user_id: &'a str,
-    #[serde(rename = "requestId")]
-    request_id: &'a str,
+/// 200: stored and published within the wait; `user_id` is the canonical id.
+pub fn ensured(user_id: &str, request_id: &str) -> HttpResponse {
+    accepted(StatusCode::OK, ENSURED_MESSAGE, user_id, request_id)
 }
 
 /// 202: durably queued, not finished within the wait.
 pub fn initiated(user_id: &str, request_id: &str) -> HttpResponse {
-    let mut r = json(
-        StatusCode::ACCEPTED,
-        &Initiated {
-            success: true,
-            message: INITIATED_MESSAGE,
-            user_id,
-            request_id,
-        },
-    );
+    let mut r = accepted(StatusCode::ACCEPTED, INITIATED_MESSAGE, user_id, request_id);
     if let Ok(location) = HeaderValue::from_str(&request_status_path(request_id)) {
         r.headers_mut().insert(LOCATION, location);
     }

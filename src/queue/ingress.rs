@@ -174,14 +174,7 @@ impl Ingress {
 }
 
 fn queued_record(request: &EnsureRequest) -> RequestRecord {
-    RequestRecord {
-        request_id: request.request_id.clone(),
-        state: RequestState::Queued,
-        user_id: None,
-        reason: None,
-        last_error: None,
-        owner: request.user_id.clone(),
-    }
+    RequestRecord::of(&request.request_id, &request.user_id, RequestState::Queued)
 }
 
 /// Creates the consumer group at the start of the stream (and the stream) when missing.

@@ -45,6 +45,20 @@ pub struct RequestRecord {
     pub owner: String,
 }
 
+impl RequestRecord {
+    /// A record of `state` for the request `request_id` of `owner`, with nothing else said.
+    pub fn of(request_id: &str, owner: &str, state: RequestState) -> Self {
+        Self {
+            request_id: request_id.to_string(),
+            state,
+            user_id: None,
+            reason: None,
+            last_error: None,
+            owner: owner.to_string(),
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Stored<'a> {
     #[serde(flatten)]

@@ -190,12 +190,9 @@ impl WorkerContext {
         let record =
             |request: &EnsureRequest, state, user_id: Option<&str>, reason: Option<&str>| {
                 let record = RequestRecord {
-                    request_id: request.request_id.clone(),
-                    state,
                     user_id: user_id.map(str::to_string),
                     reason: reason.map(str::to_string),
-                    last_error: None,
-                    owner: request.user_id.clone(),
+                    ..RequestRecord::of(&request.request_id, &request.user_id, state)
                 };
                 Some((
                     StatusKeys::record_key(stream, &request.request_id),
@@ -388,12 +385,12 @@ impl WorkerContext {
                 &mut pipe,
                 stream,
                 &RequestRecord {
-                    request_id: d.request.request_id.clone(),
-                    state: RequestState::Retrying,
-                    user_id: None,
-                    reason: None,
                     last_error: Some(step.to_string()),
-                    owner: d.request.user_id.clone(),
+                    ..RequestRecord::of(
+                        &d.request.request_id,
+                        &d.request.user_id,
+                        RequestState::Retrying,
+                    )
                 },
                 false,
             );
