@@ -355,3 +355,47 @@ async fn a_request_is_found_with_its_row_and_history() {
     assert!(by_email.contains("<code>looked-up</code>"), "{by_email}");
     app.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn every_action_is_logged_with_who_did_it_and_logs_to_a_file_have_no_colours() {
+    let stack = Stack::start().await;
+    let port = free_port();
+    let mut vars = stack.vars.clone();
+    set(&mut vars, "ADMIN_ADDR", &format!("127.0.0.1:{port}"));
+    set(&mut vars, "ADMIN_TOKEN", ADMIN_TOKEN);
+    let process = Process::spawn(&["serve"], &vars).await;
+    let id = add_dead_letter(&stack.queue, "logged").await;
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}/console");
+    let page = client
+        .get(format!("{base}/dead-letters"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let replay = client
+        .post(format!("{base}/dead-letters/replay"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body(format!("csrf={}&one={id}%40{STREAM}", csrf_of(&page)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), StatusCode::OK);
+    let (_, logs) = process.terminate_with_logs().await;
+    let line = logs
+        .lines()
+        .find(|l| l.contains("console action"))
+        .unwrap_or_else(|| panic!("no action logged:\n{logs}"));
+    assert!(line.contains("who=\"admin token (Bearer)\""), "{line}");
+    assert!(line.contains("peer=127.0.0.1:"), "{line}");
+    assert!(line.contains("action=\"replay\""), "{line}");
+    assert!(
+        line.contains(&format!("replayed {id} on {STREAM} as ")),
+        "{line}"
+    );
+    // Written to a file, not a terminal: no colour codes.
+    assert!(!logs.contains('\u{1b}'), "{logs}");
+}
