@@ -6,7 +6,8 @@
 //! token the console only listens on a loopback address (the settings refuse anything
 //! else), and then the `Host` must be a loopback name too: a web page cannot reach it by
 //! DNS rebinding. Every POST carries this process's random CSRF token, compared in constant
-//! time, so another site's page can never make a signed-in browser replay or purge.
+//! time, so another site's page can never make a signed-in browser replay or purge; the
+//! sign-in form, shown to anyone, has a token of its own.
 
 use hyper::header::{HeaderMap, AUTHORIZATION, COOKIE, HOST};
 
@@ -48,6 +49,9 @@ pub struct Access {
     token: Option<Vec<u8>>,
     session: String,
     csrf: String,
+    /// The sign-in form's own: the form is shown to anyone, the actions' token only to
+    /// those let in.
+    login_csrf: String,
 }
 
 impl Access {
@@ -56,6 +60,7 @@ impl Access {
             token,
             session: random_hex(),
             csrf: random_hex(),
+            login_csrf: random_hex(),
         }
     }
 
@@ -65,6 +70,15 @@ impl Access {
 
     pub fn csrf(&self) -> &str {
         &self.csrf
+    }
+
+    pub fn login_csrf(&self) -> &str {
+        &self.login_csrf
+    }
+
+    /// Whether a sign-in form's CSRF field is this process's.
+    pub fn login_csrf_matches(&self, given: Option<&str>) -> bool {
+        given.is_some_and(|g| constant_time_eq(self.login_csrf.as_bytes(), g.as_bytes()))
     }
 
     /// The session cookie's value for a browser that signed in.
@@ -226,5 +240,8 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
         assert_ne!(Access::new(None).csrf(), access.csrf());
+        assert_ne!(access.login_csrf(), access.csrf());
+        assert!(!access.login_csrf_matches(Some(access.csrf())));
+        assert!(access.login_csrf_matches(Some(access.login_csrf())));
     }
 }

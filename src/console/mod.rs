@@ -224,7 +224,7 @@ async fn login(console: &Console, req: Request<Incoming>, peer: SocketAddr) -> H
                 Ok(f) => f,
                 Err(r) => return r,
             };
-            if !console.access.csrf_matches(form.get("csrf")) {
+            if !console.access.login_csrf_matches(form.get("csrf")) {
                 return login_page(
                     console,
                     StatusCode::FORBIDDEN,
@@ -262,7 +262,7 @@ fn login_page(console: &Console, status: StatusCode, problem: Option<&str>) -> H
     let body = format!(
         "<h1>Sign in</h1>{problem}<p>The console needs the admin token (<code>ADMIN_TOKEN</code>), here or as <code>Authorization: Bearer</code>.</p>\
          <form method=\"post\" action=\"/console/login\">{}<label>Admin token <input type=\"password\" name=\"token\" autocomplete=\"current-password\" autofocus></label> <button>Sign in</button></form>",
-        html::csrf_field(console.access.csrf())
+        html::csrf_field(console.access.login_csrf())
     );
     let mut r = page(status, &body);
     if status == StatusCode::UNAUTHORIZED {

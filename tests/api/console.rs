@@ -243,6 +243,17 @@ async fn with_a_token_nothing_is_shown_without_it() {
     // The sign-in form: a wrong token is refused, the right one sets the session cookie.
     let form = client.get(url("/console/login")).send().await.unwrap();
     let csrf = csrf_of(&form.text().await.unwrap());
+    // The sign-in form, shown to anyone, never carries the actions' CSRF token.
+    let inside = client
+        .get(url("/console/dead-letters"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_ne!(csrf, csrf_of(&inside));
     let refused = client
         .post(url("/console/login"))
         .body(format!("csrf={csrf}&token=nope"))
