@@ -39,9 +39,6 @@ pub enum Command {
         ttl: Option<u64>,
     },
     /// Inspect and re-queue dead letters.
-    ///
-    /// Settings: REDIS_URL (default redis://127.0.0.1:6379), REDIS_CLUSTER, ENSURE_STREAM
-    /// (default stream:ensure-user), ENSURE_SHARDS (default 1). No JWT_SECRET needed.
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
     /// Bring existing users in, and tell a restarted Engine about every stored user.
@@ -154,7 +151,18 @@ pub fn command() -> clap::Command {
         .mut_subcommand("serve", |c| c.after_help(settings.clone()))
         .mut_subcommand("listen", |c| c.after_help(settings.clone()))
         .mut_subcommand("work", |c| c.after_help(settings.clone()))
+        .mut_subcommand("dead-letters", |c| {
+            c.after_help(DEAD_LETTER_SETTINGS)
+                .mut_subcommand("list", |c| c.after_help(DEAD_LETTER_SETTINGS))
+                .mut_subcommand("replay", |c| c.after_help(DEAD_LETTER_SETTINGS))
+                .mut_subcommand("purge", |c| c.after_help(DEAD_LETTER_SETTINGS))
+        })
 }
+
+/// What the dead-letter commands read.
+const DEAD_LETTER_SETTINGS: &str = "Settings: REDIS_URL [default: redis://127.0.0.1:6379], \
+    REDIS_CLUSTER [default: false], ENSURE_STREAM [default: stream:ensure-user], \
+    ENSURE_SHARDS [default: 1]. No JWT_SECRET needed.";
 
 /// The settings table of the contract's §6 as help text: `NAME  [default: …]`, then what
 /// it does, grouped as in the contract.
@@ -249,5 +257,15 @@ mod tests {
         ] {
             assert!(help.contains(expected), "{expected} missing from:\n{help}");
         }
+        let replay = command()
+            .find_subcommand_mut("dead-letters")
+            .and_then(|d| d.find_subcommand_mut("replay"))
+            .expect("dead-letters replay")
+            .render_help()
+            .to_string();
+        assert!(
+            replay.contains("REDIS_URL [default: redis://127.0.0.1:6379]"),
+            "{replay}"
+        );
     }
 }
