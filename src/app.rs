@@ -184,10 +184,19 @@ impl Application {
             cors: config.cors_allowed_origins.clone(),
             shutdown: shutdown.clone(),
         });
-        let admin = admin_listener.map(|listener| {
+        let admin = match admin_listener {
+            // A connection of its own (lazy, like the others): a page's scans never wait
+            // behind, nor delay, the listener's XADDs, and may take up to 5 s.
+            Some(listener) => Some((
+                listener,
+                queue::connect_queue(&topology, Duration::from_secs(5)).await?,
+            )),
+            None => None,
+        };
+        let admin = admin.map(|(listener, console_conn)| {
             let console = Console {
                 api: Arc::clone(&api),
-                queue: queue_conn.clone(),
+                queue: console_conn,
                 topology: topology.clone(),
                 group: config.ensure_group.clone(),
                 store: worker.as_ref().map(|w| w.store.clone()),
