@@ -22,7 +22,7 @@ WORKDIR /app
 ENV DATABASE_PATH=/app/data/ensure-user.db \
     LISTEN_ADDR=0.0.0.0:8000 \
     METRICS_ADDR=0.0.0.0:9100
-EXPOSE 8000 9100
+EXPOSE 8000 9100 9101
 VOLUME ["/app/data"]
 # bash's /dev/tcp: the slim image has no curl, and the check needs nothing else.
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8000 && printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q '200 OK' <&3"]

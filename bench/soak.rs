@@ -463,6 +463,8 @@ impl Service {
         let mut vars = base.to_vec();
         vars.push(("LISTEN_ADDR".into(), address.to_string()));
         vars.push(("METRICS_ADDR".into(), format!("127.0.0.1:{}", free_port()?)));
+        // Several processes on one host: no console (its default port would clash).
+        vars.push(("ADMIN_ADDR".into(), "off".into()));
         Ok(Self {
             name,
             command,

@@ -17,6 +17,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, EngineConfirm};
 use crate::connection;
+use crate::console::access::Access;
+use crate::console::Console;
 use crate::engine::confirm::{self, Confirmations};
 use crate::engine::EnginePublisher;
 use crate::health::Readiness;
@@ -60,6 +62,8 @@ pub struct Application {
     mode: Mode,
     api_listener: TcpListener,
     metrics_listener: TcpListener,
+    /// The console's listener and what it serves; `None` with `ADMIN_ADDR=off`.
+    admin: Option<(TcpListener, Arc<Console>)>,
     api: Arc<ApiState>,
     worker: Option<Arc<WorkerContext>>,
     shutdown: CancellationToken,
@@ -74,6 +78,12 @@ impl Application {
         let metrics_listener = TcpListener::bind(config.metrics_addr)
             .await
             .with_context(|| format!("cannot listen on METRICS_ADDR {}", config.metrics_addr))?;
+        let admin_listener = match config.admin_addr {
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on ADMIN_ADDR {addr} (ADMIN_ADDR=off disables the console)")
+            })?),
+            None => None,
+        };
         drop(metrics);
 
         let shutdown = CancellationToken::new();
@@ -178,11 +188,40 @@ impl Application {
             cors: config.cors_allowed_origins.clone(),
             shutdown: shutdown.clone(),
         });
+        let admin = match admin_listener {
+            // A connection of its own (lazy, like the others): a page's scans never wait
+            // behind, nor delay, the listener's XADDs, and may take up to 5 s.
+            Some(listener) => Some((
+                listener,
+                queue::connect_queue(&topology, Duration::from_secs(5)).await?,
+            )),
+            None => None,
+        };
+        let admin = admin.map(|(listener, console_conn)| {
+            let console = Console {
+                api: Arc::clone(&api),
+                queue: console_conn,
+                topology: topology.clone(),
+                group: config.ensure_group.clone(),
+                store: worker.as_ref().map(|w| w.store.clone()),
+                status,
+                access: Access::new(config.admin_token.as_ref().map(|t| t.as_bytes().to_vec())),
+                claim_idle_ms: config.claim_idle.as_millis() as u64,
+                mode: match mode {
+                    Mode::Serve => "serve",
+                    Mode::Listen => "listen",
+                    Mode::Work => "work",
+                },
+                redis_url: crate::console::redacted_url(&config.redis_url),
+            };
+            (listener, Arc::new(console))
+        });
         Ok(Self {
             config,
             mode,
             api_listener,
             metrics_listener,
+            admin,
             api,
             worker,
             shutdown,
@@ -200,6 +239,13 @@ impl Application {
         self.metrics_listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The console's address, when it runs (the real port when 0 was asked for).
+    pub fn admin_address(&self) -> Option<SocketAddr> {
+        self.admin
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
     }
 
     /// The requests waiting for their outcome in this process's listener.
@@ -227,6 +273,19 @@ impl Application {
             limits,
             self.shutdown.clone(),
         ));
+        if let Some((admin_listener, console)) = self.admin {
+            tracing::info!(
+                console = %format!("http://{}/console/", admin_listener.local_addr()?),
+                token_required = console.access.requires_token(),
+                "console running"
+            );
+            tracker.spawn(listener::run(
+                admin_listener,
+                Site::Admin(console),
+                limits,
+                self.shutdown.clone(),
+            ));
+        }
         tracker.spawn(listener::run(
             self.metrics_listener,
             Site::Metrics(telemetry::metrics_handle()),

@@ -22,10 +22,16 @@ pub enum Command {
     /// The worker pool only.
     Work,
     /// Print a token signed with JWT_SECRET, for trying the service.
+    ///
+    /// Settings: JWT_SECRET or JWT_SECRET_FILE (required; HS256).
+    #[command(after_help = "Example:\n  \
+        TOKEN=$(JWT_SECRET_FILE=./data/jwt-secret ensure-user token --user-id user-42 --email user42@example.com)")]
     Token {
-        #[arg(long)]
+        /// The token's `userId` claim: the platform's id of the user.
+        #[arg(long, value_name = "ID")]
         user_id: String,
-        #[arg(long)]
+        /// The token's `email` claim.
+        #[arg(long, value_name = "EMAIL")]
         email: String,
         /// Seconds until the token expires; without it the token has no `exp`, like the
         /// platform's own.
@@ -40,6 +46,10 @@ pub enum Command {
     Users(UsersCommand),
     /// A reference Engine: reads ENGINE_STREAM as the real one does, answers on
     /// ENGINE_REPLY_STREAM.
+    ///
+    /// Settings: ENGINE_REDIS_URL (default REDIS_URL, default redis://127.0.0.1:6379),
+    /// ENGINE_STREAM (default stream:exness), ENGINE_REPLY_STREAM (default
+    /// stream:exnessReceive).
     EngineStub {
         /// Drop this many replies first (to exercise ENGINE_CONFIRM=ack).
         #[arg(long, default_value_t = 0)]
@@ -130,6 +140,62 @@ pub enum UsersCommand {
     },
 }
 
+/// The command line, with the settings `serve`, `listen` and `work` read listed in their
+/// `--help`: taken from the contract's settings table (docs/contract.md §6) when built, so
+/// the help, the contract and the README cannot say different things.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory as _;
+    let settings = settings_help(include_str!("../docs/contract.md"));
+    Cli::command()
+        .after_help("Run `ensure-user COMMAND --help` for a command's settings and options; `serve --help` lists every setting.")
+        .mut_subcommand("serve", |c| c.after_help(settings.clone()))
+        .mut_subcommand("listen", |c| c.after_help(settings.clone()))
+        .mut_subcommand("work", |c| c.after_help(settings.clone()))
+        .mut_subcommand("dead-letters", |c| {
+            c.after_help(DEAD_LETTER_SETTINGS)
+                .mut_subcommand("list", |c| c.after_help(DEAD_LETTER_SETTINGS))
+                .mut_subcommand("replay", |c| c.after_help(DEAD_LETTER_SETTINGS))
+                .mut_subcommand("purge", |c| c.after_help(DEAD_LETTER_SETTINGS))
+        })
+}
+
+/// What the dead-letter commands read.
+const DEAD_LETTER_SETTINGS: &str = "Settings: REDIS_URL [default: redis://127.0.0.1:6379], \
+    REDIS_CLUSTER [default: false], ENSURE_STREAM [default: stream:ensure-user], \
+    ENSURE_SHARDS [default: 1]. No JWT_SECRET needed.";
+
+/// The settings table of the contract's §6 as help text: `NAME  [default: …]`, then what
+/// it does, grouped as in the contract.
+pub fn settings_help(contract: &str) -> String {
+    let section = contract
+        .split("\n## 6. Settings")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .unwrap_or("");
+    let mut out = String::from(
+        "Settings (environment variables, or a .env in the working folder; docs/contract.md §6):",
+    );
+    for line in section.lines().filter(|l| l.starts_with("| ")) {
+        let cells: Vec<String> = line
+            .trim_matches('|')
+            .split(" | ")
+            .map(|c| c.trim().replace('`', ""))
+            .collect();
+        match cells.as_slice() {
+            [name, ..] if name.starts_with("**") => {
+                out.push_str(&format!("\n\n{}:", name.trim_matches('*')));
+            }
+            [name, default, meaning, ..] if name != "setting" && !name.starts_with("---") => {
+                out.push_str(&format!(
+                    "\n  {name}  [default: {default}]\n      {meaning}"
+                ));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 /// The format of a file given to `users import`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ImportFormat {
@@ -172,7 +238,34 @@ mod tests {
 
     #[test]
     fn cli_parses() {
-        use clap::CommandFactory;
-        Cli::command().debug_assert();
+        command().debug_assert();
+    }
+
+    #[test]
+    fn serve_help_lists_every_setting_with_its_default() {
+        let help = command()
+            .find_subcommand_mut("serve")
+            .expect("serve")
+            .render_long_help()
+            .to_string();
+        for expected in [
+            "JWT_SECRET / JWT_SECRET_FILE",
+            "LISTEN_ADDR  [default: 0.0.0.0:$PORT]",
+            "ADMIN_ADDR  [default: 127.0.0.1:9101]",
+            "REDIS_URL  [default: redis://127.0.0.1:6379]",
+            "Workers:",
+        ] {
+            assert!(help.contains(expected), "{expected} missing from:\n{help}");
+        }
+        let replay = command()
+            .find_subcommand_mut("dead-letters")
+            .and_then(|d| d.find_subcommand_mut("replay"))
+            .expect("dead-letters replay")
+            .render_help()
+            .to_string();
+        assert!(
+            replay.contains("REDIS_URL [default: redis://127.0.0.1:6379]"),
+            "{replay}"
+        );
     }
 }

@@ -178,6 +178,10 @@ impl EngineSettings {
 pub struct Config {
     pub listen_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The console's listener; `None` with `ADMIN_ADDR=off`.
+    pub admin_addr: Option<SocketAddr>,
+    /// The console's token; required when `admin_addr` is not a loopback address.
+    pub admin_token: Option<JwtSecret>,
     pub jwt: JwtConfig,
     /// The queue's Redis: what a 2xx depends on (the first node, for a cluster).
     pub redis_url: String,
@@ -504,6 +508,29 @@ impl Config {
         let port: u16 = s.parse("PORT", 8000, "a port number (0-65535)")?;
         let listen_addr = s.addr("LISTEN_ADDR", SocketAddr::from(([0, 0, 0, 0], port)))?;
         let metrics_addr = s.addr("METRICS_ADDR", SocketAddr::from(([0, 0, 0, 0], 9100)))?;
+        let admin_addr = match s.get("ADMIN_ADDR") {
+            Some(v) if v.eq_ignore_ascii_case("off") => None,
+            _ => Some(s.addr("ADMIN_ADDR", SocketAddr::from(([127, 0, 0, 1], 9101)))?),
+        };
+        let admin_token = s.secret("ADMIN_TOKEN", "ADMIN_TOKEN_FILE")?;
+        if let Some(token) = &admin_token {
+            if token.as_bytes().len() < 16 {
+                return Err(ConfigError::new(
+                    "ADMIN_TOKEN",
+                    "must be at least 16 characters (e.g. openssl rand -hex 32)",
+                ));
+            }
+        }
+        if let Some(addr) = admin_addr {
+            // Replays and purges must never be one unauthenticated request away from the
+            // network; on loopback only this host's users can reach the console.
+            if !addr.ip().is_loopback() && admin_token.is_none() {
+                return Err(ConfigError::new(
+                    "ADMIN_TOKEN",
+                    format!("must be set (or ADMIN_TOKEN_FILE) when ADMIN_ADDR {addr} is not a loopback address; or set ADMIN_ADDR=off"),
+                ));
+            }
+        }
         let redis_nodes = s.redis_nodes()?;
         let redis_url = redis_nodes.first().cloned().unwrap_or_default();
         let redis_cluster = redis_nodes.len() > 1 || s.bool("REDIS_CLUSTER", false)?;
@@ -559,6 +586,8 @@ impl Config {
         Ok(Config {
             listen_addr,
             metrics_addr,
+            admin_addr,
+            admin_token,
             jwt: match tokens {
                 Tokens::Verified => s.jwt()?,
                 Tokens::Ignored => JwtConfig::no_keys(),
@@ -638,6 +667,8 @@ mod tests {
         let c = with(&[]).unwrap();
         assert_eq!(c.listen_addr.to_string(), "0.0.0.0:8000");
         assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:9100");
+        assert_eq!(c.admin_addr.unwrap().to_string(), "127.0.0.1:9101");
+        assert!(c.admin_token.is_none());
         assert_eq!(c.redis_url, "redis://127.0.0.1:6379");
         assert_eq!(c.engine_redis_url, c.redis_url);
         assert_eq!(c.ensure_stream, "stream:ensure-user");
@@ -654,6 +685,28 @@ mod tests {
         assert!(!c.jwt.require_exp);
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
         assert!(!c.cors_allowed_origins.is_enabled());
+    }
+
+    #[test]
+    fn the_console_needs_a_token_off_loopback() {
+        assert!(with(&[("ADMIN_ADDR", "off")]).unwrap().admin_addr.is_none());
+        assert!(with(&[("ADMIN_ADDR", "[::1]:9200")]).is_ok());
+        let err = with(&[("ADMIN_ADDR", "0.0.0.0:9101")]).unwrap_err();
+        assert_eq!(err.setting, "ADMIN_TOKEN");
+        let c = with(&[
+            ("ADMIN_ADDR", "0.0.0.0:9101"),
+            ("ADMIN_TOKEN", "0123456789abcdef"),
+        ])
+        .unwrap();
+        assert_eq!(c.admin_token.unwrap().as_bytes(), b"0123456789abcdef");
+        assert_eq!(
+            with(&[("ADMIN_TOKEN", "short")]).unwrap_err().setting,
+            "ADMIN_TOKEN"
+        );
+        assert_eq!(
+            with(&[("ADMIN_ADDR", "everywhere")]).unwrap_err().setting,
+            "ADMIN_ADDR"
+        );
     }
 
     #[test]

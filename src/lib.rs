@@ -15,6 +15,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod connection;
+pub mod console;
 pub mod engine;
 pub mod health;
 pub mod http;

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
+use clap::FromArgMatches as _;
 use ensure_user::cli::Cli;
 
 fn main() -> ExitCode {
@@ -15,7 +15,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let cli = Cli::parse();
+    // Through `cli::command()`: its `--help` lists the settings.
+    let cli = match Cli::from_arg_matches(&ensure_user::cli::command().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -8,6 +8,7 @@
 //! without sending complete requests. HTTP/2 is bounded as well (see [`http2_limits`]).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,13 +34,17 @@ pub enum Site {
     Api(Arc<ApiState>),
     /// Prometheus metrics on their own port.
     Metrics(PrometheusHandle),
+    /// The operator's console (`ADMIN_ADDR`).
+    Admin(Arc<crate::console::Console>),
 }
 
 impl Site {
-    async fn answer(self, req: Request<Incoming>) -> HttpResponse {
+    async fn answer(self, req: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
         match self {
             Site::Api(state) => routes::handle(state, req).await,
             Site::Metrics(handle) => metrics_page(&handle, &req),
+            // The console logs who acted, so it is told where the request came from.
+            Site::Admin(console) => crate::console::handle(console, req, peer).await,
         }
     }
 }
@@ -98,7 +103,7 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -124,7 +129,7 @@ pub async fn run(
                 let in_flight = deadline.request();
                 let site = site.clone();
                 async move {
-                    let response = site.answer(req).await;
+                    let response = site.answer(req, peer).await;
                     drop(in_flight);
                     Ok::<_, Infallible>(response)
                 }

@@ -343,6 +343,9 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
 
 fn answer(outcome: &'static str) {
     metrics::counter!(telemetry::ANSWERS, "outcome" => outcome).increment(1);
+    if matches!(outcome, "done" | "timeout" | "queued" | "dead") {
+        crate::console::rates::record(crate::console::rates::Event::Accepted, 1);
+    }
 }
 
 #[cfg(test)]

@@ -99,6 +99,15 @@ impl Store {
         }
     }
 
+    /// The rows whose user id or email is `key` (at most two: one of each): what the
+    /// console shows as a user's stored, canonical pair.
+    pub async fn find(&self, key: &str) -> Result<Vec<NewUser>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.find(key).await,
+            Store::Postgres(p) => p.find(key).await,
+        }
+    }
+
     /// How many users the store holds.
     pub async fn count(&self) -> Result<u64, StoreError> {
         match self {

@@ -172,6 +172,24 @@ impl PostgresStore {
         }
     }
 
+    /// The rows whose user id or email is `key`.
+    pub async fn find(&self, key: &str) -> Result<Vec<NewUser>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
+        let query = client.query(
+            "SELECT user_id, email FROM users WHERE user_id = $1 OR email = $1 LIMIT 2",
+            &params,
+        );
+        match tokio::time::timeout(self.answer_limit, query).await {
+            Ok(rows) => Ok(rows
+                .map_err(classify)?
+                .iter()
+                .map(|r| NewUser::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect()),
+            Err(_) => Err(self.discard(client)),
+        }
+    }
+
     /// How many users the table holds.
     pub async fn count(&self) -> Result<u64, StoreError> {
         let client = self.pool.get().await.map_err(pool_error)?;

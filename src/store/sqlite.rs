@@ -75,10 +75,13 @@ enum Command {
         reply: oneshot::Sender<Result<Vec<NewUser>, StoreError>>,
     },
     Count(oneshot::Sender<Result<u64, StoreError>>),
+    Find(String, oneshot::Sender<Result<Vec<NewUser>, StoreError>>),
 }
 
 /// Users after a key, in key order (`user_id` is the primary key: an index range scan).
 const PAGE_FROM_START: &str = "SELECT user_id, email FROM users ORDER BY user_id LIMIT ?1";
+/// A user by id or by email (both columns are indexed: primary key and unique index).
+const FIND: &str = "SELECT user_id, email FROM users WHERE user_id = ?1 OR email = ?1 LIMIT 2";
 const PAGE_AFTER: &str =
     "SELECT user_id, email FROM users WHERE user_id > ?1 ORDER BY user_id LIMIT ?2";
 
@@ -173,6 +176,15 @@ impl SqliteStore {
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 
+    /// The rows whose user id or email is `key`.
+    pub async fn find(&self, key: &str) -> Result<Vec<NewUser>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Find(key.to_string(), reply))
+            .map_err(|_| StoreError::Stopped)?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
     /// How many users the table holds.
     pub async fn count(&self) -> Result<u64, StoreError> {
         let (reply, rx) = oneshot::channel();
@@ -256,6 +268,15 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>) {
                     reply,
                 } => {
                     let _ = reply.send(page(&conn, after.as_deref(), limit).map_err(classify));
+                }
+                Command::Find(key, reply) => {
+                    let rows = conn.prepare_cached(FIND).and_then(|mut stmt| {
+                        stmt.query_map([&key], |r| {
+                            Ok(NewUser::new(r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                        })?
+                        .collect()
+                    });
+                    let _ = reply.send(rows.map_err(classify));
                 }
                 Command::Count(reply) => {
                     let count = conn

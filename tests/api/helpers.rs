@@ -228,6 +228,8 @@ pub fn test_vars(queue: &RedisServer, engine: &RedisServer, db: &Path) -> Vec<(S
     [
         ("LISTEN_ADDR", "127.0.0.1:0".to_string()),
         ("METRICS_ADDR", "127.0.0.1:0".to_string()),
+        // Tests run side by side: the console's default port would be taken.
+        ("ADMIN_ADDR", "127.0.0.1:0".to_string()),
         ("JWT_SECRET", SECRET.to_string()),
         ("REDIS_URL", queue.url()),
         ("ENGINE_REDIS_URL", engine.url()),
@@ -253,6 +255,8 @@ pub fn set(vars: &mut Vec<(String, String)>, name: &str, value: &str) {
 pub struct TestApp {
     pub address: SocketAddr,
     pub metrics_address: SocketAddr,
+    /// The console's address (tests run it on a port of its own).
+    pub admin_address: Option<SocketAddr>,
     pub queue: RedisServer,
     /// The Engine's Redis: its own server, so a test can stop it alone.
     pub engine: RedisServer,
@@ -309,6 +313,7 @@ pub async fn spawn_app_on(
     let app = Application::build(config, mode).await.expect("app builds");
     let address = app.address();
     let metrics_address = app.metrics_address();
+    let admin_address = app.admin_address();
     let waiters = app.waiters();
     let worker = app.worker();
     let stop = CancellationToken::new();
@@ -316,6 +321,7 @@ pub async fn spawn_app_on(
     TestApp {
         address,
         metrics_address,
+        admin_address,
         queue,
         engine,
         db_path,
@@ -563,6 +569,8 @@ impl Process {
             .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
+            // Processes run side by side: no console unless a test asks for one.
+            .env("ADMIN_ADDR", "off")
             .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("LISTEN_ADDR", address.to_string())
             .env("METRICS_ADDR", metrics_address.to_string())

@@ -6,6 +6,8 @@ mod browser;
 mod claims;
 mod cluster;
 mod connections;
+mod console;
+mod console_browser;
 mod cors;
 mod crashes;
 mod dead_letters;

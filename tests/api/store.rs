@@ -38,6 +38,13 @@ async fn behaviour(db: &TestDb) {
         store.upsert(vec![user("u1", "new@x.com")]).await.unwrap(),
         vec![stored("u1", "a@x.com")]
     );
+    // The console finds the canonical pair by id or by email.
+    assert_eq!(store.find("u1").await.unwrap(), vec![user("u1", "a@x.com")]);
+    assert_eq!(
+        store.find("a@x.com").await.unwrap(),
+        vec![user("u1", "a@x.com")]
+    );
+    assert_eq!(store.find("u2").await.unwrap(), vec![]);
     // In one batch, in arrival order.
     let got = store
         .upsert(vec![

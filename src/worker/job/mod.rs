@@ -274,6 +274,8 @@ impl WorkerContext {
             }
         }
         metrics::counter!(telemetry::JOBS_COMPLETED).increment(report.done as u64);
+        crate::console::rates::record(crate::console::rates::Event::Completed, report.done as u64);
+        crate::console::rates::record(crate::console::rates::Event::Failed, report.dead as u64);
         self.outcomes.deliver(deliveries).await;
         Ok(report)
     }
