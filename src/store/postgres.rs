@@ -162,7 +162,21 @@ impl PostgresStore {
                 Some(after) => client.query(PAGE_AFTER, &[&after, &limit]).await,
             }
         };
-        match tokio::time::timeout(self.answer_limit, query).await {
+        let answered = tokio::time::timeout(self.answer_limit, query).await;
+        self.users_of(client, answered)
+    }
+
+    /// The `(user_id, email)` rows of a query's answer; a query that did not answer within
+    /// the limit costs its connection.
+    fn users_of(
+        &self,
+        client: deadpool_postgres::Client,
+        answered: Result<
+            Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
+            tokio::time::error::Elapsed,
+        >,
+    ) -> Result<Vec<NewUser>, StoreError> {
+        match answered {
             Ok(rows) => Ok(rows
                 .map_err(classify)?
                 .iter()
@@ -180,14 +194,8 @@ impl PostgresStore {
             "SELECT user_id, email FROM users WHERE user_id = $1 OR email = $1 LIMIT 2",
             &params,
         );
-        match tokio::time::timeout(self.answer_limit, query).await {
-            Ok(rows) => Ok(rows
-                .map_err(classify)?
-                .iter()
-                .map(|r| NewUser::new(r.get::<_, String>(0), r.get::<_, String>(1)))
-                .collect()),
-            Err(_) => Err(self.discard(client)),
-        }
+        let answered = tokio::time::timeout(self.answer_limit, query).await;
+        self.users_of(client, answered)
     }
 
     /// How many users the table holds.

@@ -27,6 +27,19 @@ pub fn csrf_of(page: &str) -> String {
 }
 
 /// The number in the overview's cell `data-field="<field>"` of `stream`'s row.
+/// The text of a console page, fetched with the admin token.
+async fn page_text(client: &reqwest::Client, url: &str) -> String {
+    client
+        .get(url)
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 fn cell(page: &str, stream: &str, field: &str) -> u64 {
     let row = page
         .split(&format!("<tr data-stream=\"{stream}\">"))
@@ -244,15 +257,7 @@ async fn with_a_token_nothing_is_shown_without_it() {
     let form = client.get(url("/console/login")).send().await.unwrap();
     let csrf = csrf_of(&form.text().await.unwrap());
     // The sign-in form, shown to anyone, never carries the actions' CSRF token.
-    let inside = client
-        .get(url("/console/dead-letters"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let inside = page_text(&client, &url("/console/dead-letters")).await;
     assert_ne!(csrf, csrf_of(&inside));
     let refused = client
         .post(url("/console/login"))
@@ -378,15 +383,7 @@ async fn every_action_is_logged_with_who_did_it_and_logs_to_a_file_have_no_colou
     let id = add_dead_letter(&stack.queue, "logged").await;
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}/console");
-    let page = client
-        .get(format!("{base}/dead-letters"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = page_text(&client, &format!("{base}/dead-letters")).await;
     let replay = client
         .post(format!("{base}/dead-letters/replay"))
         .bearer_auth(ADMIN_TOKEN)
