@@ -1113,7 +1113,8 @@ fn tally(
             // A command stored as the Engine's Redis woke up was sent at some point of its
             // pause: a kill during the pause may have left it behind.
             if let Some((paused, resumed)) = chaos.engine_pause {
-                if first >= resumed && first <= resumed + PAUSE_WAKE_MS {
+                // (Its wake may come a few ms before the SIGCONT's recorded time.)
+                if first + KILL_SLACK_MS >= resumed && first <= resumed + PAUSE_WAKE_MS {
                     first = paused;
                 }
             }

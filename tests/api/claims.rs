@@ -474,3 +474,71 @@ async fn an_engine_redis_frozen_mid_publication_gets_each_command_once() {
     assert_eq!(published, expected, "one createUser per request");
     app.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_taken_over_entry_whose_command_went_out_is_not_published_again() {
+    let app = spawn_app().await;
+    let ctx = app.worker_context();
+    let stream = "stream:taken-over";
+    app.queue.create_group(stream).await;
+    let mut conn = app.queue.conn().await;
+    let _: String = redis::cmd("XADD")
+        .arg(stream)
+        .arg("*")
+        .arg("request_id")
+        .arg("r-orphan")
+        .arg("user_id")
+        .arg("orphan")
+        .arg("email")
+        .arg("orphan@example.com")
+        .arg("reply_to")
+        .arg("")
+        .arg("enqueued_at")
+        .arg(now_millis())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // A consumer read it, published its createUser, and died before acknowledging.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("ensure-workers")
+        .arg("dead")
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut engine = app.engine.conn().await;
+    let _: String = redis::cmd("XADD")
+        .arg("stream:exness")
+        .arg("*")
+        .arg("message")
+        .arg(expected_command("orphan", "orphan@example.com", "r-orphan"))
+        .query_async(&mut engine)
+        .await
+        .unwrap();
+    // Another takes it over (a second delivery) and carries it out.
+    let claimed: redis::Value = redis::cmd("XCLAIM")
+        .arg(stream)
+        .arg("ensure-workers")
+        .arg("a")
+        .arg(0)
+        .arg(app.queue.entries(stream).await[0].id.clone())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut entries = ensure_user::connection::parse_entries(&claimed);
+    entries[0].deliveries = 2;
+    let lease = Lease::new(stream, "ensure-workers", "a", vec![entries[0].id.clone()]);
+    let report = ctx.try_process_batch(&lease, entries).await.unwrap();
+
+    assert_eq!(report.done, 1, "finished");
+    assert_eq!(
+        commands_by_request(&app).await.get("r-orphan"),
+        Some(&1),
+        "found on the Engine stream, not published again"
+    );
+    assert!(app.queue.entries(stream).await.is_empty());
+    app.shutdown().await.unwrap();
+}

@@ -36,8 +36,16 @@ impl WorkerContext {
             .collect();
         // Once an attempt failed, its commands may have been carried out all the same: each
         // later attempt first looks for them on the stream, and publishes only the others.
-        let first_attempt_ms = now_millis();
-        let failed_before = &std::sync::atomic::AtomicBool::new(false);
+        // An entry delivered before (re-claimed from a consumer that died) may likewise have
+        // been published by that consumer before it died: the first attempt looks too.
+        let taken_over = stored.iter().any(|(d, _)| d.entry.deliveries > 1);
+        let first_attempt_ms = stored
+            .iter()
+            .map(|(d, _)| d.request.enqueued_at_ms)
+            .chain(std::iter::once(now_millis()))
+            .min()
+            .unwrap_or(0);
+        let failed_before = &std::sync::atomic::AtomicBool::new(taken_over);
         let sent: std::sync::Mutex<HashSet<String>> = Default::default();
         let sent = &sent;
         let result = self
@@ -60,7 +68,8 @@ impl WorkerContext {
                 };
                 if failed_before.load(std::sync::atomic::Ordering::Relaxed) {
                     let ids: HashSet<&str> = live.iter().map(|c| c.request_id.as_str()).collect();
-                    // Allow for the Engine's Redis clock running up to a minute behind.
+                    // From the oldest request on, allowing for the Engine's Redis clock running
+                    // up to a minute behind.
                     let since = first_attempt_ms.saturating_sub(60_000);
                     match self.engine.published_since(since, &ids).await {
                         Ok(found) => lock(sent).extend(found),
