@@ -112,42 +112,13 @@ async fn a_finisher_that_lost_its_entry_writes_no_status_outcome_or_dead_letter(
     let stream = "stream:manual";
     let mut conn = app.queue.conn().await;
     app.queue.create_group(stream).await;
-    let add = |user: &'static str, request_id: &'static str| {
-        let mut conn = conn.clone();
-        async move {
-            let _: String = redis::cmd("XADD")
-                .arg(stream)
-                .arg("*")
-                .arg("request_id")
-                .arg(request_id)
-                .arg("user_id")
-                .arg(user)
-                .arg("email")
-                .arg(format!("{user}@example.com"))
-                .arg("reply_to")
-                .arg("")
-                .arg("enqueued_at")
-                .arg(now_millis())
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
-    };
-    add("stale", "stale-request").await;
-    add("gone", "gone-request").await;
+    app.queue
+        .add_request(stream, "stale-request", "stale")
+        .await;
+    app.queue.add_request(stream, "gone-request", "gone").await;
     // Consumer "a" reads both; consumer "b" takes them over (as after "a" stalled) and has
     // already dead-lettered the first.
-    let read: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("ensure-workers")
-        .arg("a")
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let entries = ensure_user::connection::parse_read_reply(&read);
+    let entries = app.queue.read_as(stream, "a").await;
     assert_eq!(entries.len(), 2);
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
     let _: redis::Value = redis::cmd("XCLAIM")
@@ -482,33 +453,9 @@ async fn a_taken_over_entry_whose_command_went_out_is_not_published_again() {
     let stream = "stream:taken-over";
     app.queue.create_group(stream).await;
     let mut conn = app.queue.conn().await;
-    let _: String = redis::cmd("XADD")
-        .arg(stream)
-        .arg("*")
-        .arg("request_id")
-        .arg("r-orphan")
-        .arg("user_id")
-        .arg("orphan")
-        .arg("email")
-        .arg("orphan@example.com")
-        .arg("reply_to")
-        .arg("")
-        .arg("enqueued_at")
-        .arg(now_millis())
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    app.queue.add_request(stream, "r-orphan", "orphan").await;
     // A consumer read it, published its createUser, and died before acknowledging.
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("ensure-workers")
-        .arg("dead")
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    app.queue.read_as(stream, "dead").await;
     let mut engine = app.engine.conn().await;
     let _: String = redis::cmd("XADD")
         .arg("stream:exness")

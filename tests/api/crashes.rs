@@ -246,32 +246,10 @@ async fn an_entry_delivered_too_often_is_dead_lettered_with_its_history() {
     // A consumer that read the entry and kept failing on it, four times, before dying.
     let mut conn = queue.conn().await;
     queue.create_group("stream:ensure-user").await;
-    let id: String = redis::cmd("XADD")
-        .arg("stream:ensure-user")
-        .arg("*")
-        .arg("request_id")
-        .arg("r-cursed")
-        .arg("user_id")
-        .arg("cursed")
-        .arg("email")
-        .arg("cursed@example.com")
-        .arg("reply_to")
-        .arg("")
-        .arg("enqueued_at")
-        .arg("1")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("ensure-workers")
-        .arg("ghost")
-        .arg("STREAMS")
-        .arg("stream:ensure-user")
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let id = queue
+        .add_request("stream:ensure-user", "r-cursed", "cursed")
+        .await;
+    queue.read_as("stream:ensure-user", "ghost").await;
     for _ in 0..3 {
         let _: redis::Value = redis::cmd("XCLAIM")
             .arg("stream:ensure-user")

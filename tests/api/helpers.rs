@@ -163,6 +163,44 @@ impl RedisServer {
             .unwrap();
     }
 
+    /// Queues an ingress entry of `user` by hand, as a listener would (nobody waits for it);
+    /// returns its id.
+    pub async fn add_request(&self, stream: &str, request_id: &str, user: &str) -> String {
+        let mut conn = self.conn().await;
+        redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("request_id")
+            .arg(request_id)
+            .arg("user_id")
+            .arg(user)
+            .arg("email")
+            .arg(format!("{user}@example.com"))
+            .arg("reply_to")
+            .arg("")
+            .arg("enqueued_at")
+            .arg(ensure_user::clock::now_millis())
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    /// Reads `stream`'s new entries as the group's consumer `consumer`.
+    pub async fn read_as(&self, stream: &str, consumer: &str) -> Vec<RawEntry> {
+        let mut conn = self.conn().await;
+        let read: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("ensure-workers")
+            .arg(consumer)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(">")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        ensure_user::connection::parse_read_reply(&read)
+    }
+
     /// Every entry of a stream, oldest first.
     pub async fn entries(&self, stream: &str) -> Vec<RawEntry> {
         let mut conn = self.conn().await;
