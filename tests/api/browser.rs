@@ -247,15 +247,6 @@ fn tail(log: &str) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-/// `chromium` on `PATH`, if any.
-fn find_chromium() -> Option<String> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("chromium"))
-        .find(|p| p.is_file())
-        .map(|p| p.display().to_string())
-}
-
 /// Output the test harness does not capture: a skip must be seen, and the browser's
 /// results belong in the CI log.
 fn say(line: &str) {

@@ -66,13 +66,15 @@ async fn stalled(app: &TestApp, stall: Stall) -> Duration {
                         (head, len)
                     }
                 };
+                // Paces the slow client's bytes; it is what is under test, not a sync.
+                let mut pace = tokio::time::interval(Duration::from_millis(500));
+                pace.tick().await; // the first tick is at once
                 for (i, b) in head.bytes().chain(std::iter::repeat(b'a')).enumerate() {
                     if write.write_all(&[b]).await.is_err() {
                         break;
                     }
                     if i >= paced_from {
-                        // Paces the slow client's bytes; it is what is under test, not a sync.
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        pace.tick().await;
                     }
                 }
             }

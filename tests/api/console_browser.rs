@@ -173,17 +173,6 @@ impl Drop for Browser {
     }
 }
 
-fn find_chromium() -> Option<String> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("chromium"))
-        .find(|p| p.is_file())
-        .map(|p| p.display().to_string())
-}
-
-const REFUSE_POISON: &str = "CREATE TRIGGER refuse_poison BEFORE INSERT ON users
-     WHEN NEW.user_id = 'poison' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_replays_a_poison_entry_from_the_dead_letter_page() {
     let Some(chromium) = find_chromium() else {
@@ -203,7 +192,7 @@ async fn chromium_replays_a_poison_entry_from_the_dead_letter_page() {
     }
     rusqlite::Connection::open(&app.db_path)
         .unwrap()
-        .execute_batch(REFUSE_POISON)
+        .execute_batch(REFUSE_POISON_SQL)
         .unwrap();
     let response = app.ensure(&token("poison", "poison@example.com")).await;
     assert_eq!(response.status(), 500);
@@ -228,7 +217,7 @@ async fn chromium_replays_a_poison_entry_from_the_dead_letter_page() {
         move || {
             rusqlite::Connection::open(&db)
                 .unwrap()
-                .execute_batch("DROP TRIGGER refuse_poison")
+                .execute_batch(REPAIR_POISON_SQL)
                 .unwrap();
         }
     };

@@ -5,9 +5,6 @@ use serde_json::Value;
 
 use crate::helpers::*;
 
-const REFUSE_POISON: &str = "CREATE TRIGGER refuse_poison BEFORE INSERT ON users
-     WHEN NEW.user_id = 'poison' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;";
-
 #[tokio::test]
 async fn a_refused_request_is_dead_lettered_answered_500_and_replayable_after_repair() {
     let app = spawn_app().await;
@@ -19,7 +16,7 @@ async fn a_refused_request_is_dead_lettered_answered_500_and_replayable_after_re
     );
     rusqlite::Connection::open(&app.db_path)
         .unwrap()
-        .execute_batch(REFUSE_POISON)
+        .execute_batch(REFUSE_POISON_SQL)
         .unwrap();
 
     let response = app.ensure(&token("poison", "poison@example.com")).await;
@@ -65,7 +62,7 @@ async fn a_refused_request_is_dead_lettered_answered_500_and_replayable_after_re
     // Repair, then replay.
     rusqlite::Connection::open(&app.db_path)
         .unwrap()
-        .execute_batch("DROP TRIGGER refuse_poison")
+        .execute_batch(REPAIR_POISON_SQL)
         .unwrap();
     let replayed = run_cli(&["dead-letters", "replay", &dead_id], &vars);
     assert!(replayed.contains("1 of 1 replayed"), "{replayed}");

@@ -16,6 +16,19 @@ async fn replies(app: &TestApp) -> Vec<String> {
         .collect()
 }
 
+/// Waits until the Engine has answered a command of `user` (the older Engine names it).
+async fn wait_for_reply(app: &TestApp, user: &str) {
+    let answer = format!(r#""message":"{user}""#);
+    eventually(&format!("the Engine to answer for {user}"), || async {
+        replies(app)
+            .await
+            .iter()
+            .any(|r| r.contains(&answer))
+            .then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn publish_mode_with_the_older_engine_misses_what_it_did_not_see_until_a_resync() {
     let app = spawn_app().await;
@@ -26,14 +39,7 @@ async fn publish_mode_with_the_older_engine_misses_what_it_did_not_see_until_a_r
             .status(),
         200
     );
-    eventually("the older Engine to answer", || async {
-        replies(&app)
-            .await
-            .iter()
-            .any(|r| r.contains(r#""message":"seen""#))
-            .then_some(())
-    })
-    .await;
+    wait_for_reply(&app, "seen").await;
     assert_eq!(
         replies(&app).await,
         vec![r#"{"function":"createUser","message":"seen"}"#.to_string()],
@@ -57,14 +63,7 @@ async fn publish_mode_with_the_older_engine_misses_what_it_did_not_see_until_a_r
             .status(),
         200
     );
-    eventually("the Engine to answer the next one", || async {
-        replies(&app)
-            .await
-            .iter()
-            .any(|r| r.contains(r#""message":"after""#))
-            .then_some(())
-    })
-    .await;
+    wait_for_reply(&app, "after").await;
     assert!(!replies(&app).await.iter().any(|r| r.contains("missed")));
 
     // The resync publishes every stored user again: the Engine now has "missed" too. One
@@ -89,14 +88,7 @@ async fn publish_mode_with_the_older_engine_misses_what_it_did_not_see_until_a_r
     .await
     .unwrap();
     assert!(out.contains("published 3 createUser"), "{out}");
-    eventually("the Engine to learn the missed user", || async {
-        replies(&app)
-            .await
-            .iter()
-            .any(|r| r.contains(r#""message":"missed""#))
-            .then_some(())
-    })
-    .await;
+    wait_for_reply(&app, "missed").await;
     stub.cancel();
     app.shutdown().await.unwrap();
 }

@@ -555,6 +555,21 @@ pub async fn metric_at(address: SocketAddr, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// SQLite: makes the database refuse the user `poison`, as a constraint the service does
+/// not know would; [`REPAIR_POISON_SQL`] undoes it.
+pub const REFUSE_POISON_SQL: &str = "CREATE TRIGGER refuse_poison BEFORE INSERT ON users
+     WHEN NEW.user_id = 'poison' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;";
+pub const REPAIR_POISON_SQL: &str = "DROP TRIGGER refuse_poison";
+
+/// `chromium` on `PATH`, if any.
+pub fn find_chromium() -> Option<String> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("chromium"))
+        .find(|p| p.is_file())
+        .map(|p| p.display().to_string())
+}
+
 pub fn rows(db: &Path) -> Vec<(String, String)> {
     if !db.exists() {
         return Vec::new();
