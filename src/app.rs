@@ -16,22 +16,22 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, EngineConfirm};
-use crate::connection;
+use crate::connection::{self, RedisConn};
 use crate::console::access::Access;
 use crate::console::Console;
 use crate::engine::confirm::{self, Confirmations};
 use crate::engine::EnginePublisher;
-use crate::health::Readiness;
+use crate::health::{Probe, Readiness};
 use crate::http::auth::Authenticator;
 use crate::http::listener::{self, ConnectionLimits, Site};
 use crate::http::routes::ApiState;
 use crate::queue::monitor::QueueMonitor;
 use crate::queue::status::StatusKeys;
 use crate::queue::{self, ingress, layout, outcome};
-use crate::store::Store;
+use crate::store::{Store, StoreOptions};
 use crate::telemetry;
 use crate::worker::job::EngineConfirmation;
-use crate::worker::retry::RetryPolicy;
+use crate::retry::RetryPolicy;
 use crate::worker::runner::PoolSettings;
 use crate::worker::{WorkerContext, WorkerPool};
 
@@ -66,6 +66,8 @@ pub struct Application {
     admin: Option<(TcpListener, Arc<Console>)>,
     api: Arc<ApiState>,
     worker: Option<Arc<WorkerContext>>,
+    /// The queue's connection the listener uses, shared with the backlog monitor.
+    queue: RedisConn,
     shutdown: CancellationToken,
 }
 
@@ -114,18 +116,22 @@ impl Application {
         let status = StatusKeys {
             ttl_secs: config.outcome_ttl_secs,
         };
-        let mut readiness = Readiness::new(queue_conn.clone(), None, None);
+        let mut probes = vec![Probe::redis("queue_redis", queue_conn.clone())];
         let worker = if mode.works() {
             let store = Store::open(
                 config.database_url.as_deref(),
                 &config.database_path,
-                config.store_options(),
+                StoreOptions::of_service(&config),
             )
             .await?;
             let engine_conn =
                 connection::connect(&config.engine_redis_url, Duration::from_secs(2))?;
-            readiness.engine = Some(engine_conn.clone());
-            readiness.store = Some(store.clone());
+            probes.push(Probe::redis("engine_redis", engine_conn.clone()));
+            let pinged = store.clone();
+            probes.push(Probe::new(store.name(), move || {
+                let store = pinged.clone();
+                Box::pin(async move { store.ping().await.is_ok() })
+            }));
             let local = mode
                 .listens()
                 .then(|| (listener_id.clone(), Arc::clone(&waiters)));
@@ -181,7 +187,7 @@ impl Application {
             waiters,
             listener_id,
             wait: config.ensure_wait,
-            readiness,
+            readiness: Readiness::new(probes),
             backlog: Arc::default(),
             max_backlog: config.queue_max_backlog,
             body_timeout: config.header_read_timeout,
@@ -224,6 +230,7 @@ impl Application {
             admin,
             api,
             worker,
+            queue: queue_conn,
             shutdown,
         })
     }
@@ -281,7 +288,9 @@ impl Application {
             );
             tracker.spawn(listener::run(
                 admin_listener,
-                Site::Admin(console),
+                Site::Admin(Arc::new(move |req, peer| {
+                    Box::pin(crate::console::handle(Arc::clone(&console), req, peer))
+                })),
                 limits,
                 self.shutdown.clone(),
             ));
@@ -302,7 +311,7 @@ impl Application {
         }
         tracker.spawn(
             QueueMonitor {
-                conn: self.api.readiness.queue.clone(),
+                conn: self.queue.clone(),
                 shards: queue::QueueTopology::of(&self.config).shards,
                 ensure_stream: self.config.ensure_stream.clone(),
                 group: self.config.ensure_group.clone(),
@@ -364,7 +373,7 @@ async fn watch_dependencies(api: Arc<ApiState>, shutdown: CancellationToken) {
     let dependencies = api.readiness.dependencies();
     let mut round = 0u64;
     loop {
-        for &dependency in &dependencies {
+        for dependency in dependencies.clone() {
             let api = Arc::clone(&api);
             // Bounded: a ping gives up after a second, so at most four are in flight.
             tokio::spawn(async move { api.readiness.ping(dependency).await });
@@ -372,7 +381,7 @@ async fn watch_dependencies(api: Arc<ApiState>, shutdown: CancellationToken) {
         // The gauges every second are plenty for a scrape.
         if round % 4 == 3 {
             let failing = api.readiness.failing_as_sampled();
-            for &dependency in &dependencies {
+            for dependency in dependencies.clone() {
                 let name = api.readiness.name(dependency);
                 let up = if failing.contains(&name) { 0.0 } else { 1.0 };
                 metrics::gauge!(telemetry::DEPENDENCY_UP, "dependency" => name).set(up);
@@ -387,7 +396,7 @@ async fn watch_dependencies(api: Arc<ApiState>, shutdown: CancellationToken) {
 }
 
 /// Logs a warning when the queue's Redis would lose acknowledged entries on a restart.
-async fn warn_unless_durable(conn: &connection::RedisConn) {
+async fn warn_unless_durable(conn: &RedisConn) {
     let mut conn = conn.clone();
     let settings: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
         .arg("GET")

@@ -8,7 +8,7 @@ use crate::config::{Config, EngineSettings, StoreSettings};
 use crate::connection::{self, RawEntry};
 use crate::http::auth::mint_token;
 use crate::queue;
-use crate::queue::dead_letters::DeadLetters;
+use crate::queue::dead_letters::{letter_json, DeadLetters};
 use crate::telemetry;
 
 /// Runs a command and turns its result into the process's exit code. Every failure is one
@@ -86,8 +86,8 @@ async fn users(command: UsersCommand) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use std::io::Write as _;
 
-    use crate::engine::resync::{self, ResyncOptions};
-    use crate::store::{import, source, Store};
+    use crate::worker::resync::{self, ResyncOptions};
+    use crate::store::{import, source, Store, StoreOptions};
 
     let settings = StoreSettings::from_env()?;
     // Retries are logged (a store or Redis that is down); the results go to stdout.
@@ -125,7 +125,7 @@ async fn users(command: UsersCommand) -> anyhow::Result<()> {
             let store = Store::open(
                 settings.database_url.as_deref(),
                 &settings.database_path,
-                settings.options(),
+                StoreOptions::of_command(&settings),
             )
             .await?;
             let before = store.count().await?;
@@ -153,7 +153,7 @@ async fn users(command: UsersCommand) -> anyhow::Result<()> {
             let store = Store::open(
                 settings.database_url.as_deref(),
                 &settings.database_path,
-                settings.options(),
+                StoreOptions::of_command(&settings),
             )
             .await?;
             let conn =
@@ -284,31 +284,6 @@ async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
 
 fn text(value: &[u8]) -> String {
     String::from_utf8_lossy(value).into_owned()
-}
-
-/// A name or value as JSON: the string when it is UTF-8, else `{"base64": …}`, so bytes
-/// that are not text are shown exactly rather than replaced.
-fn bytes_json(bytes: &[u8]) -> serde_json::Value {
-    use base64::Engine as _;
-    match std::str::from_utf8(bytes) {
-        Ok(text) => serde_json::Value::String(text.to_owned()),
-        Err(_) => serde_json::json!({
-            "base64": base64::engine::general_purpose::STANDARD.encode(bytes)
-        }),
-    }
-}
-
-/// One dead letter as a JSON line. Fields are `[name, value]` pairs in stream order, not
-/// an object: names need not be UTF-8 (nor unique), and an object key can only be text.
-/// Public for the `dead_letter` fuzz target.
-pub fn letter_json(stream: &str, letter: &RawEntry) -> String {
-    let fields: Vec<serde_json::Value> = letter
-        .fields
-        .iter()
-        .flatten()
-        .map(|(k, v)| serde_json::Value::Array(vec![bytes_json(k), bytes_json(v)]))
-        .collect();
-    serde_json::json!({ "id": letter.id, "stream": stream, "fields": fields }).to_string()
 }
 
 fn print_table(letters: &[(String, RawEntry)]) {

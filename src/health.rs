@@ -1,22 +1,42 @@
 //! Readiness: which dependencies answer, as `/readyz` and the `dependency_up` gauges report
-//! it. Built by [`crate::app`] from the connections and the store it made, so the HTTP
-//! floor sees only the answers, never the store itself.
+//! it. [`crate::app`] hands it one [`Probe`] per dependency it made (the queue's Redis, the
+//! Engine's, the store), so the HTTP floor sees only the answers, never the store itself.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
+
 use crate::connection::RedisConn;
-use crate::store::Store;
 
 /// A dependency counts as up while it answered a ping within this long.
 pub const READINESS_WINDOW: Duration = Duration::from_secs(1);
 
-/// The dependencies `/readyz` reports, by the name it reports them under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dependency {
-    Queue,
-    Engine,
-    Store,
+/// One dependency `/readyz` reports: its name there, and how to ask whether it answers.
+pub struct Probe {
+    name: &'static str,
+    ping: Box<dyn Fn() -> BoxFuture<'static, bool> + Send + Sync>,
+}
+
+impl Probe {
+    /// `ping` answers `true` when the dependency did; it need not bound its own wait.
+    pub fn new(
+        name: &'static str,
+        ping: impl Fn() -> BoxFuture<'static, bool> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            name,
+            ping: Box::new(ping),
+        }
+    }
+
+    /// A Redis server (or cluster), asked with `PING`.
+    pub fn redis(name: &'static str, conn: RedisConn) -> Self {
+        Self::new(name, move || {
+            let conn = conn.clone();
+            Box::pin(async move { crate::connection::ping(&conn, READINESS_WINDOW).await })
+        })
+    }
 }
 
 /// The dependencies `/readyz` asks, and when each last answered.
@@ -26,85 +46,58 @@ pub enum Dependency {
 /// never queues pings behind the store's writer, a frozen dependency costs a probe no wait,
 /// and one slow ping under load does not flip the answer.
 pub struct Readiness {
-    pub queue: RedisConn,
-    pub engine: Option<RedisConn>,
-    pub store: Option<Store>,
+    probes: Vec<Probe>,
     started: Instant,
-    /// Per dependency: milliseconds after `started` of its last answer, plus one (0: never).
-    answered: [AtomicU64; 3],
-    /// Per dependency: when a ping last failed (refused, or no answer in time), likewise.
-    failed: [AtomicU64; 3],
-    /// Per dependency: whether a ping has finished yet, answered or not.
-    asked: [AtomicBool; 3],
+    /// Per probe: milliseconds after `started` of its last answer, plus one (0: never).
+    answered: Vec<AtomicU64>,
+    /// Per probe: when a ping last failed (refused, or no answer in time), likewise.
+    failed: Vec<AtomicU64>,
+    /// Per probe: whether a ping has finished yet, answered or not.
+    asked: Vec<AtomicBool>,
 }
 
 impl Readiness {
-    pub fn new(queue: RedisConn, engine: Option<RedisConn>, store: Option<Store>) -> Self {
+    pub fn new(probes: Vec<Probe>) -> Self {
+        let n = probes.len();
         Self {
-            queue,
-            engine,
-            store,
+            probes,
             started: Instant::now(),
-            answered: Default::default(),
-            failed: Default::default(),
-            asked: Default::default(),
+            answered: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            failed: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            asked: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
-    /// The dependencies this process uses.
-    pub fn dependencies(&self) -> Vec<Dependency> {
-        let mut all = vec![Dependency::Queue];
-        if self.engine.is_some() {
-            all.push(Dependency::Engine);
-        }
-        if self.store.is_some() {
-            all.push(Dependency::Store);
-        }
-        all
+    /// The dependencies, by index in the order they were given.
+    pub fn dependencies(&self) -> std::ops::Range<usize> {
+        0..self.probes.len()
     }
 
     /// The name `/readyz` and the `dependency_up` gauge use.
-    pub fn name(&self, dependency: Dependency) -> &'static str {
-        match dependency {
-            Dependency::Queue => "queue_redis",
-            Dependency::Engine => "engine_redis",
-            Dependency::Store => self.store.as_ref().map_or("sqlite", Store::name),
-        }
+    pub fn name(&self, dependency: usize) -> &'static str {
+        self.probes[dependency].name
     }
 
     /// Pings one dependency (at most a second) and notes when it answered.
-    pub async fn ping(&self, dependency: Dependency) {
-        let timeout = READINESS_WINDOW;
-        let up = match dependency {
-            Dependency::Queue => crate::connection::ping(&self.queue, timeout).await,
-            Dependency::Engine => match &self.engine {
-                Some(e) => crate::connection::ping(e, timeout).await,
-                None => true,
-            },
-            Dependency::Store => match &self.store {
-                Some(s) => matches!(tokio::time::timeout(timeout, s.ping()).await, Ok(Ok(()))),
-                None => true,
-            },
-        };
-        let i = dependency as usize;
+    pub async fn ping(&self, dependency: usize) {
+        let ping = (self.probes[dependency].ping)();
+        let up = matches!(tokio::time::timeout(READINESS_WINDOW, ping).await, Ok(true));
         let at = self.started.elapsed().as_millis() as u64 + 1;
         if up {
-            self.answered[i].fetch_max(at, Ordering::Relaxed);
+            self.answered[dependency].fetch_max(at, Ordering::Relaxed);
         } else {
-            self.failed[i].fetch_max(at, Ordering::Relaxed);
+            self.failed[dependency].fetch_max(at, Ordering::Relaxed);
         }
-        self.asked[i].store(true, Ordering::Relaxed);
+        self.asked[dependency].store(true, Ordering::Relaxed);
     }
 
     /// Names of the dependencies whose last ping failed, or that have not answered within
     /// [`READINESS_WINDOW`]. Before the sampler's first pings have finished, asks them now.
     pub async fn failing(&self) -> Vec<&'static str> {
-        let unasked: Vec<Dependency> = self
+        let unasked = self
             .dependencies()
-            .into_iter()
-            .filter(|d| !self.asked[*d as usize].load(Ordering::Relaxed))
-            .collect();
-        futures_util::future::join_all(unasked.into_iter().map(|d| self.ping(d))).await;
+            .filter(|&d| !self.asked[d].load(Ordering::Relaxed));
+        futures_util::future::join_all(unasked.map(|d| self.ping(d))).await;
         self.failing_as_sampled()
     }
 
@@ -114,10 +107,9 @@ impl Readiness {
         let now = self.started.elapsed().as_millis() as u64 + 1;
         let window = READINESS_WINDOW.as_millis() as u64;
         self.dependencies()
-            .into_iter()
-            .filter(|d| {
-                let at = self.answered[*d as usize].load(Ordering::Relaxed);
-                let failed = self.failed[*d as usize].load(Ordering::Relaxed);
+            .filter(|&d| {
+                let at = self.answered[d].load(Ordering::Relaxed);
+                let failed = self.failed[d].load(Ordering::Relaxed);
                 at == 0 || failed > at || now.saturating_sub(at) > window
             })
             .map(|d| self.name(d))

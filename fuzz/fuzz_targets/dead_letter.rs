@@ -2,7 +2,7 @@
 //! letter in it listed (table fields, JSON line) and prepared for replay, must never panic.
 #![no_main]
 
-use ensure_user::commands::letter_json;
+use ensure_user::queue::dead_letters::letter_json;
 use ensure_user::queue::dead_letters::{fields, replay_fields};
 use ensure_user::connection::parse_entries;
 use libfuzzer_sys::fuzz_target;

@@ -15,7 +15,6 @@ pub mod dead_letters;
 pub mod form;
 pub mod html;
 pub mod overview;
-pub mod rates;
 pub mod requests;
 
 use std::net::SocketAddr;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use redis::Value;
 
 use super::html::{self, escape};
-use super::rates::{self, Event};
+use crate::telemetry::rates::{self, Event};
 use super::Console;
 use crate::clock::now_millis;
 use crate::connection::RedisConn;

@@ -17,6 +17,9 @@ use hyper::header::{
 use hyper::{Method, StatusCode};
 
 use super::responses::{self, HttpResponse};
+use crate::config::AllowedOrigins;
+#[cfg(test)]
+use crate::config::normalise;
 
 /// What a preflight allows: the ensure POST, the request-status GET, and the preflight.
 const ALLOW_METHODS: &str = "POST, GET, OPTIONS";
@@ -28,47 +31,7 @@ const EXPOSE_HEADERS: &str = "Location, Retry-After";
 /// reaches browsers soon.
 const MAX_AGE_SECS: &str = "600";
 
-/// The origins `CORS_ALLOWED_ORIGINS` allows.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AllowedOrigins {
-    /// `*`: any origin of the form `scheme://host[:port]` (never the opaque `null`).
-    any: bool,
-    /// Serialised as browsers send them: lower case, no default port, no trailing slash.
-    origins: Vec<String>,
-}
-
 impl AllowedOrigins {
-    /// No CORS at all: the default.
-    pub fn none() -> Self {
-        Self::default()
-    }
-
-    /// Parses the comma-separated setting; empty entries are skipped. The error is the
-    /// problem with the first entry that is neither `*` nor an origin.
-    pub fn parse(raw: &str) -> Result<Self, String> {
-        let mut allowed = Self::none();
-        for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            if entry == "*" {
-                allowed.any = true;
-            } else {
-                let origin = normalise(entry).ok_or_else(|| {
-                    format!(
-                        "{entry:?} is not an origin (scheme://host[:port], without a path), nor *"
-                    )
-                })?;
-                if !allowed.origins.contains(&origin) {
-                    allowed.origins.push(origin);
-                }
-            }
-        }
-        Ok(allowed)
-    }
-
-    /// Whether CORS is on at all.
-    pub fn is_enabled(&self) -> bool {
-        self.any || !self.origins.is_empty()
-    }
-
     /// The request's `Origin` when it is allowed, ready to be echoed back.
     fn allowed<'a>(&self, headers: &'a HeaderMap) -> Option<&'a HeaderValue> {
         let value = headers.get(ORIGIN)?;
@@ -76,7 +39,7 @@ impl AllowedOrigins {
         let allowed = if self.any {
             // Echoing the header only when it is a well-formed origin already, so `*`
             // never reflects `null` or anything a browser would not send.
-            normalise(origin).as_deref() == Some(origin)
+            crate::config::normalise(origin).as_deref() == Some(origin)
         } else {
             self.origins.iter().any(|o| o == origin)
         };
@@ -130,62 +93,6 @@ impl AllowedOrigins {
             }
         }
     }
-}
-
-/// `scheme://host[:port]` as a browser serialises it (lower case, default port dropped),
-/// or `None` when `raw` is not one.
-fn normalise(raw: &str) -> Option<String> {
-    let (scheme, rest) = raw.split_once("://")?;
-    let scheme = scheme.to_ascii_lowercase();
-    if scheme.is_empty()
-        || !scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-        || !scheme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
-    {
-        return None;
-    }
-    // A bracketed IPv6 literal keeps its colons; the port follows the closing bracket.
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (inner, after) = v6.split_once(']')?;
-        if inner.is_empty() || !inner.chars().all(|c| c.is_ascii_hexdigit() || c == ':') {
-            return None;
-        }
-        let port = match after {
-            "" => None,
-            p => Some(p.strip_prefix(':')?),
-        };
-        (format!("[{}]", inner.to_ascii_lowercase()), port)
-    } else {
-        let (host, port) = match rest.split_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (rest, None),
-        };
-        let valid = !host.is_empty()
-            && host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-        if !valid {
-            return None;
-        }
-        (host.to_ascii_lowercase(), port)
-    };
-    let port = match port {
-        None => None,
-        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {
-            Some(p.parse::<u16>().ok()?)
-        }
-        Some(_) => return None,
-    };
-    let default_port = match scheme.as_str() {
-        "http" | "ws" => Some(80),
-        "https" | "wss" => Some(443),
-        _ => None,
-    };
-    Some(match port {
-        Some(p) if Some(p) != default_port => format!("{scheme}://{host}:{p}"),
-        _ => format!("{scheme}://{host}"),
-    })
 }
 
 #[cfg(test)]

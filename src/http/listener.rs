@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::Request;
@@ -34,17 +35,21 @@ pub enum Site {
     Api(Arc<ApiState>),
     /// Prometheus metrics on their own port.
     Metrics(PrometheusHandle),
-    /// The operator's console (`ADMIN_ADDR`).
-    Admin(Arc<crate::console::Console>),
+    /// The operator's console (`ADMIN_ADDR`), handed in by [`crate::app`]: it reads the
+    /// store and the dead letters, which this floor never sees.
+    Admin(AdminHandler),
 }
+
+/// Answers one console request; told where it came from, since the console logs who acted.
+pub type AdminHandler =
+    Arc<dyn Fn(Request<Incoming>, SocketAddr) -> BoxFuture<'static, HttpResponse> + Send + Sync>;
 
 impl Site {
     async fn answer(self, req: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
         match self {
             Site::Api(state) => routes::handle(state, req).await,
             Site::Metrics(handle) => metrics_page(&handle, &req),
-            // The console logs who acted, so it is told where the request came from.
-            Site::Admin(console) => crate::console::handle(console, req, peer).await,
+            Site::Admin(handler) => handler(req, peer).await,
         }
     }
 }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::auth::Authenticator;
-use super::cors::AllowedOrigins;
+use crate::config::AllowedOrigins;
 use super::responses::{self, ApiError, HttpResponse};
 use crate::clock::now_millis;
 use crate::queue::ingress::{EnsureRequest, Ingress};
@@ -236,9 +236,7 @@ async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse
 
     let deadline = tokio::time::Instant::now() + state.wait;
     let user_key = format!("{}\n{}", identity.user_id, identity.email);
-    let gauge = metrics::gauge!(telemetry::WAITERS);
-    gauge.increment(1.0);
-    let _in_flight = scopeguard(move || gauge.decrement(1.0));
+    let _waiting = Waiting::counted();
 
     // The same user is already queued here and not yet published: share that entry.
     if let Some((request_id, mut waiter)) = state.waiters.join(&user_key) {
@@ -327,24 +325,29 @@ fn outcome_answer(outcome: Outcome, request_id: &str) -> Result<HttpResponse, Ap
     }
 }
 
-/// Runs `f` when dropped: keeps a gauge right on every path out of a handler, including a
+/// One request waiting for its outcome, counted in the `waiters` gauge for as long as it
+/// lives: dropping it keeps the gauge right on every path out of a handler, including a
 /// client that hangs up mid-wait.
-fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
+struct Waiting(metrics::Gauge);
+
+impl Waiting {
+    fn counted() -> Self {
+        let gauge = metrics::gauge!(telemetry::WAITERS);
+        gauge.increment(1.0);
+        Self(gauge)
     }
-    Guard(Some(f))
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 fn answer(outcome: &'static str) {
     metrics::counter!(telemetry::ANSWERS, "outcome" => outcome).increment(1);
     if matches!(outcome, "done" | "timeout" | "queued" | "dead") {
-        crate::console::rates::record(crate::console::rates::Event::Accepted, 1);
+        crate::telemetry::rates::record(crate::telemetry::rates::Event::Accepted, 1);
     }
 }
 

@@ -207,6 +207,31 @@ impl DeadLetters {
     }
 }
 
+/// A name or value as JSON: the string when it is UTF-8, else `{"base64": …}`, so bytes
+/// that are not text are shown exactly rather than replaced.
+fn bytes_json(bytes: &[u8]) -> serde_json::Value {
+    use base64::Engine as _;
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::Value::String(text.to_owned()),
+        Err(_) => serde_json::json!({
+            "base64": base64::engine::general_purpose::STANDARD.encode(bytes)
+        }),
+    }
+}
+
+/// One dead letter as a JSON line. Fields are `[name, value]` pairs in stream order, not
+/// an object: names need not be UTF-8 (nor unique), and an object key can only be text.
+/// What `dead-letters list --json` prints; public for the `dead_letter` fuzz target.
+pub fn letter_json(stream: &str, letter: &RawEntry) -> String {
+    let fields: Vec<serde_json::Value> = letter
+        .fields
+        .iter()
+        .flatten()
+        .map(|(k, v)| serde_json::Value::Array(vec![bytes_json(k), bytes_json(v)]))
+        .collect();
+    serde_json::json!({ "id": letter.id, "stream": stream, "fields": fields }).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,7 +267,7 @@ mod tests {
             if let Ok(value) = redis::parse_redis_value(&raw) {
                 for letter in crate::connection::parse_entries(&value) {
                     let _ = replay_fields(&letter);
-                    let _ = crate::commands::letter_json("stream:ensure-user", &letter);
+                    let _ = letter_json("stream:ensure-user", &letter);
                     let _ = letter.field(fields::REASON);
                     let _ = letter.id_millis();
                 }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::source::{Batches, Record};
 use super::{Resolution, Store};
-use crate::worker::retry::{JobError, RetryPolicy, StepError};
+use crate::retry::{JobError, RetryPolicy, StepError};
 
 /// Records per transaction: large enough that a commit's fsync is spread over many users,
 /// small enough that a batch is a few milliseconds and progress moves steadily.

@@ -56,6 +56,24 @@ impl StoreOptions {
             statement_timeout: Duration::from_secs(5),
         }
     }
+
+    /// How `serve` and `work` open the store: a PostgreSQL pool of 2 ×
+    /// `WORKER_CONCURRENCY` connections, and the statement timeout.
+    pub fn of_service(config: &crate::config::Config) -> Self {
+        Self {
+            pool_size: config.worker_concurrency * 2,
+            statement_timeout: config.database_statement_timeout,
+        }
+    }
+
+    /// How a one-off command opens the store: a small PostgreSQL pool (it runs one
+    /// transaction at a time), and the configured statement timeout.
+    pub fn of_command(settings: &crate::config::StoreSettings) -> Self {
+        Self {
+            pool_size: 2,
+            statement_timeout: settings.database_statement_timeout,
+        }
+    }
 }
 
 /// The configured store: SQLite by default, PostgreSQL when `DATABASE_URL` is set.

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::types::FromSql as _;
 
 use super::NewUser;
-use crate::http::auth::check_identity;
+use crate::identity::check_identity;
 
 /// A line longer than this is refused unread: a user id and an email take at most a few
 /// hundred bytes, and reading a runaway line whole could exhaust memory.

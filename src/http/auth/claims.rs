@@ -1,6 +1,5 @@
-//! The token's claims: which ones make an [`Identity`], the limits on their values (shared
-//! with the importer, so a user is held to the same rules however it arrives), and minting
-//! a token the way the platform does.
+//! The token's claims: which ones make an [`Identity`] (held to [`crate::identity`]'s
+//! limits, as the importer is), and minting a token the way the platform does.
 
 use std::fmt;
 
@@ -9,11 +8,7 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::{Algorithm, AuthError, Identity};
-
-/// Longest accepted `userId`, in bytes.
-pub const MAX_USER_ID_BYTES: usize = 128;
-/// Longest accepted `email`, in bytes (RFC 5321's path limit).
-pub const MAX_EMAIL_BYTES: usize = 254;
+use crate::identity::check_identity;
 
 pub(super) fn identity_from(claims: IdentityClaims) -> Result<Identity, AuthError> {
     let (Some(user_id), Some(email)) = (claims.user_id.0, claims.email.0) else {
@@ -21,60 +16,6 @@ pub(super) fn identity_from(claims: IdentityClaims) -> Result<Identity, AuthErro
     };
     check_identity(&user_id, &email).map_err(|_| AuthError::InvalidPayload)?;
     Ok(Identity { user_id, email })
-}
-
-/// Why a `userId` / `email` pair cannot be ensured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidIdentity {
-    #[error("userId is empty")]
-    EmptyUserId,
-    #[error("userId is longer than {MAX_USER_ID_BYTES} bytes")]
-    LongUserId,
-    #[error("userId contains a control character")]
-    ControlInUserId,
-    #[error("email is not an address (local@domain, at most {MAX_EMAIL_BYTES} bytes, no spaces)")]
-    NotAnEmail,
-}
-
-/// The limits every user id and email must meet, whichever way it comes in: a token's
-/// claims here, an imported line in `users import` (one rule, so an import can never store
-/// what the HTTP path would refuse).
-pub fn check_identity(user_id: &str, email: &str) -> Result<(), InvalidIdentity> {
-    if user_id.is_empty() {
-        return Err(InvalidIdentity::EmptyUserId);
-    }
-    if user_id.len() > MAX_USER_ID_BYTES {
-        return Err(InvalidIdentity::LongUserId);
-    }
-    if user_id.chars().any(char::is_control) {
-        return Err(InvalidIdentity::ControlInUserId);
-    }
-    if !is_email(email) {
-        return Err(InvalidIdentity::NotAnEmail);
-    }
-    Ok(())
-}
-
-/// A deliberately plain address check: `local@domain`, no spaces or control characters,
-/// within RFC 5321's lengths. The platform has already verified the address; this only
-/// keeps obvious garbage out of the database and the Engine.
-pub fn is_email(email: &str) -> bool {
-    if email.len() > MAX_EMAIL_BYTES || email.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return false;
-    }
-    let Some((local, domain)) = email.rsplit_once('@') else {
-        return false;
-    };
-    !local.is_empty()
-        && local.len() <= 64
-        && !domain.is_empty()
-        && domain.len() <= 253
-        && !domain.starts_with('.')
-        && !domain.ends_with('.')
-        && !domain.contains("..")
-        && domain.chars().all(|c| {
-            c.is_alphanumeric() || c == '-' || c == '.' || c == '[' || c == ']' || c == ':'
-        })
 }
 
 #[derive(Deserialize)]

@@ -15,7 +15,7 @@ use crate::engine::publisher::PublishError;
 use crate::engine::EngineCommand;
 use crate::queue::lease::Lease;
 use crate::telemetry;
-use crate::worker::retry::{JobError, StepError};
+use crate::retry::{JobError, StepError};
 
 impl WorkerContext {
     /// Publishes the `createUser` of every stored request this consumer still owns.

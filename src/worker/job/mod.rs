@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::retry::{JobError, RetryPolicy, StepError};
+use crate::retry::{JobError, RetryPolicy, StepError};
 use crate::clock::now_millis;
 use crate::connection::{RawEntry, RedisConn};
 use crate::engine::confirm::Confirmations;
@@ -274,8 +274,8 @@ impl WorkerContext {
             }
         }
         metrics::counter!(telemetry::JOBS_COMPLETED).increment(report.done as u64);
-        crate::console::rates::record(crate::console::rates::Event::Completed, report.done as u64);
-        crate::console::rates::record(crate::console::rates::Event::Failed, report.dead as u64);
+        crate::telemetry::rates::record(crate::telemetry::rates::Event::Completed, report.done as u64);
+        crate::telemetry::rates::record(crate::telemetry::rates::Event::Failed, report.dead as u64);
         self.outcomes.deliver(deliveries).await;
         Ok(report)
     }

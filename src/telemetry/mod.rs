@@ -2,7 +2,8 @@
 //!
 //! Metric names live here and nowhere else, so the dashboard, the README and the code
 //! cannot drift apart. Label values come from small fixed sets (route names, outcomes,
-//! steps), never from a request.
+//! steps), never from a request. [`rates`] keeps the same counts for the console, which must
+//! answer without a Prometheus.
 
 use std::sync::OnceLock;
 
@@ -10,6 +11,8 @@ use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::config::LogFormat;
+
+pub mod rates;
 
 pub const HTTP_REQUESTS: &str = "ensure_user_http_requests_total";
 pub const HTTP_DURATION_SECONDS: &str = "ensure_user_http_request_duration_seconds";

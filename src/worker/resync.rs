@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{EngineCommand, EnginePublisher};
+use crate::engine::{EngineCommand, EnginePublisher};
 use crate::store::Store;
-use crate::worker::retry::{JobError, RetryPolicy, StepError};
+use crate::retry::{JobError, RetryPolicy, StepError};
 
 /// Users per page (one store read, one pipeline of XADDs).
 pub const PAGE: usize = 1000;
