@@ -28,10 +28,10 @@ use crate::http::routes::ApiState;
 use crate::queue::monitor::QueueMonitor;
 use crate::queue::status::StatusKeys;
 use crate::queue::{self, ingress, layout, outcome};
+use crate::retry::RetryPolicy;
 use crate::store::{Store, StoreOptions};
 use crate::telemetry;
 use crate::worker::job::EngineConfirmation;
-use crate::retry::RetryPolicy;
 use crate::worker::runner::PoolSettings;
 use crate::worker::{WorkerContext, WorkerPool};
 
@@ -104,7 +104,7 @@ impl Application {
             layout::register(&queue_conn, &topology.ensure_stream, &topology.shards).await
         };
         match tokio::time::timeout(Duration::from_secs(2), groups).await {
-            Ok(Ok(())) => warn_unless_durable(&queue_conn).await,
+            Ok(Ok(())) => queue::warn_unless_durable(&queue_conn).await,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "queue Redis is not answering; ensure requests get 503 until it does")
             }
@@ -187,7 +187,7 @@ impl Application {
             waiters,
             listener_id,
             wait: config.ensure_wait,
-            readiness: Readiness::new(probes),
+            readiness: Arc::new(Readiness::new(probes)),
             backlog: Arc::default(),
             max_backlog: config.queue_max_backlog,
             body_timeout: config.header_read_timeout,
@@ -324,8 +324,8 @@ impl Application {
             telemetry::metrics_handle(),
             self.shutdown.clone(),
         ));
-        tracker.spawn(watch_dependencies(
-            Arc::clone(&self.api),
+        tracker.spawn(crate::health::watch(
+            Arc::clone(&self.api.readiness),
             self.shutdown.clone(),
         ));
         if let Some(ctx) = &self.worker {
@@ -363,62 +363,6 @@ impl Application {
         }
         tracing::info!("stopped");
         Ok(())
-    }
-}
-
-/// Pings every dependency four times a second, each ping on its own (a frozen one does
-/// not hold up the others, nor the next round); `/readyz` and the `dependency_up` gauges
-/// read when each last answered.
-async fn watch_dependencies(api: Arc<ApiState>, shutdown: CancellationToken) {
-    let dependencies = api.readiness.dependencies();
-    let mut round = 0u64;
-    loop {
-        for dependency in dependencies.clone() {
-            let api = Arc::clone(&api);
-            // Bounded: a ping gives up after a second, so at most four are in flight.
-            tokio::spawn(async move { api.readiness.ping(dependency).await });
-        }
-        // The gauges every second are plenty for a scrape.
-        if round % 4 == 3 {
-            let failing = api.readiness.failing_as_sampled();
-            for dependency in dependencies.clone() {
-                let name = api.readiness.name(dependency);
-                let up = if failing.contains(&name) { 0.0 } else { 1.0 };
-                metrics::gauge!(telemetry::DEPENDENCY_UP, "dependency" => name).set(up);
-            }
-        }
-        round += 1;
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-        }
-    }
-}
-
-/// Logs a warning when the queue's Redis would lose acknowledged entries on a restart.
-async fn warn_unless_durable(conn: &RedisConn) {
-    let mut conn = conn.clone();
-    let settings: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("append*")
-        .query_async(&mut conn)
-        .await;
-    let Ok(settings) = settings else {
-        tracing::warn!("cannot read the queue Redis's persistence settings (CONFIG GET refused); make sure it runs with appendonly yes");
-        return;
-    };
-    let get = |name: &str| {
-        settings
-            .chunks(2)
-            .find(|kv| kv[0] == name)
-            .and_then(|kv| kv.get(1).cloned())
-            .unwrap_or_default()
-    };
-    match (get("appendonly").as_str(), get("appendfsync").as_str()) {
-        ("yes", "always") => tracing::info!("queue Redis persists every write (appendonly yes, appendfsync always)"),
-        ("yes", "everysec") => tracing::warn!("queue Redis fsyncs once a second (appendfsync everysec): a 2xx from the last second may be lost if its host crashes"),
-        ("yes", other) => tracing::warn!(appendfsync = other, "queue Redis leaves fsync to the OS: recent 2xx answers may be lost if its host crashes"),
-        _ => tracing::warn!("queue Redis runs without AOF (appendonly no): a 2xx will NOT survive a Redis restart; run it with --appendonly yes --appendfsync always"),
     }
 }
 

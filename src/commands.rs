@@ -86,8 +86,8 @@ async fn users(command: UsersCommand) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use std::io::Write as _;
 
-    use crate::worker::resync::{self, ResyncOptions};
     use crate::store::{import, source, Store, StoreOptions};
+    use crate::worker::resync::{self, ResyncOptions};
 
     let settings = StoreSettings::from_env()?;
     // Retries are logged (a store or Redis that is down); the results go to stdout.

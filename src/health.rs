@@ -3,11 +3,14 @@
 //! Engine's, the store), so the HTTP floor sees only the answers, never the store itself.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
 
 use crate::connection::RedisConn;
+use crate::telemetry;
 
 /// A dependency counts as up while it answered a ping within this long.
 pub const READINESS_WINDOW: Duration = Duration::from_secs(1);
@@ -114,5 +117,34 @@ impl Readiness {
             })
             .map(|d| self.name(d))
             .collect()
+    }
+}
+
+/// Pings every dependency four times a second, each ping on its own (a frozen one does
+/// not hold up the others, nor the next round); `/readyz` and the `dependency_up` gauges
+/// read when each last answered.
+pub async fn watch(readiness: Arc<Readiness>, shutdown: CancellationToken) {
+    let dependencies = readiness.dependencies();
+    let mut round = 0u64;
+    loop {
+        for dependency in dependencies.clone() {
+            let readiness = Arc::clone(&readiness);
+            // Bounded: a ping gives up after a second, so at most four are in flight.
+            tokio::spawn(async move { readiness.ping(dependency).await });
+        }
+        // The gauges every second are plenty for a scrape.
+        if round % 4 == 3 {
+            let failing = readiness.failing_as_sampled();
+            for dependency in dependencies.clone() {
+                let name = readiness.name(dependency);
+                let up = if failing.contains(&name) { 0.0 } else { 1.0 };
+                metrics::gauge!(telemetry::DEPENDENCY_UP, "dependency" => name).set(up);
+            }
+        }
+        round += 1;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
     }
 }

@@ -319,10 +319,8 @@ impl Config {
             )?),
             header_read_timeout: s.millis("HEADER_READ_TIMEOUT_MS", 10_000)?,
             max_connections: s.positive("MAX_CONNECTIONS", 10_000)?,
-            cors_allowed_origins: AllowedOrigins::parse(
-                &s.string("CORS_ALLOWED_ORIGINS", ""),
-            )
-            .map_err(|problem| ConfigError::new("CORS_ALLOWED_ORIGINS", problem))?,
+            cors_allowed_origins: AllowedOrigins::parse(&s.string("CORS_ALLOWED_ORIGINS", ""))
+                .map_err(|problem| ConfigError::new("CORS_ALLOWED_ORIGINS", problem))?,
             log_format,
         })
     }

@@ -39,12 +39,20 @@ impl Settings<'_> {
         }
     }
 
-    pub(super) fn millis(&self, name: &'static str, default_ms: u64) -> Result<Duration, ConfigError> {
+    pub(super) fn millis(
+        &self,
+        name: &'static str,
+        default_ms: u64,
+    ) -> Result<Duration, ConfigError> {
         self.parse(name, default_ms, "a whole number of milliseconds")
             .map(Duration::from_millis)
     }
 
-    pub(super) fn positive(&self, name: &'static str, default: usize) -> Result<usize, ConfigError> {
+    pub(super) fn positive(
+        &self,
+        name: &'static str,
+        default: usize,
+    ) -> Result<usize, ConfigError> {
         let n = self.parse(name, default, "a whole number")?;
         if n == 0 {
             return Err(ConfigError::new(name, "must be at least 1"));
@@ -66,11 +74,19 @@ impl Settings<'_> {
         }
     }
 
-    pub(super) fn addr(&self, name: &'static str, default: SocketAddr) -> Result<SocketAddr, ConfigError> {
+    pub(super) fn addr(
+        &self,
+        name: &'static str,
+        default: SocketAddr,
+    ) -> Result<SocketAddr, ConfigError> {
         self.parse(name, default, "a socket address such as 0.0.0.0:8000")
     }
 
-    pub(super) fn redis_url(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {
+    pub(super) fn redis_url(
+        &self,
+        name: &'static str,
+        default: &str,
+    ) -> Result<String, ConfigError> {
         let url = self.string(name, default);
         redis::Client::open(url.as_str())
             .map_err(|e| ConfigError::new(name, format!("not a usable Redis URL: {e}")))?;

@@ -12,11 +12,11 @@ use std::time::Duration;
 use redis::Value;
 
 use super::html::{self, escape};
-use crate::telemetry::rates::{self, Event};
 use super::Console;
 use crate::clock::now_millis;
 use crate::connection::RedisConn;
 use crate::queue;
+use crate::telemetry::rates::{self, Event};
 
 /// One ingress stream as Redis has it now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

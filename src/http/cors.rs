@@ -17,9 +17,9 @@ use hyper::header::{
 use hyper::{Method, StatusCode};
 
 use super::responses::{self, HttpResponse};
-use crate::config::AllowedOrigins;
 #[cfg(test)]
 use crate::config::normalise;
+use crate::config::AllowedOrigins;
 
 /// What a preflight allows: the ensure POST, the request-status GET, and the preflight.
 const ALLOW_METHODS: &str = "POST, GET, OPTIONS";

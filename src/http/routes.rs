@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::auth::Authenticator;
-use crate::config::AllowedOrigins;
 use super::responses::{self, ApiError, HttpResponse};
 use crate::clock::now_millis;
+use crate::config::AllowedOrigins;
 use crate::queue::ingress::{EnsureRequest, Ingress};
 use crate::queue::outcome::{Heard, Outcome, Waiters};
 use crate::telemetry;
@@ -35,7 +35,7 @@ pub struct ApiState {
     pub waiters: Arc<Waiters>,
     pub listener_id: String,
     pub wait: Duration,
-    pub readiness: crate::health::Readiness,
+    pub readiness: Arc<crate::health::Readiness>,
     /// Unacknowledged entries, as last sampled by the [`crate::queue::monitor::QueueMonitor`].
     pub backlog: Arc<crate::queue::monitor::Backlog>,
     pub max_backlog: u64,

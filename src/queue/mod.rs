@@ -86,6 +86,33 @@ pub fn dead_stream(stream: &str) -> String {
     format!("{stream}:dead")
 }
 
+/// Logs a warning when the queue's Redis would lose acknowledged entries on a restart.
+pub async fn warn_unless_durable(conn: &RedisConn) {
+    let mut conn = conn.clone();
+    let settings: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("append*")
+        .query_async(&mut conn)
+        .await;
+    let Ok(settings) = settings else {
+        tracing::warn!("cannot read the queue Redis's persistence settings (CONFIG GET refused); make sure it runs with appendonly yes");
+        return;
+    };
+    let get = |name: &str| {
+        settings
+            .chunks(2)
+            .find(|kv| kv[0] == name)
+            .and_then(|kv| kv.get(1).cloned())
+            .unwrap_or_default()
+    };
+    match (get("appendonly").as_str(), get("appendfsync").as_str()) {
+        ("yes", "always") => tracing::info!("queue Redis persists every write (appendonly yes, appendfsync always)"),
+        ("yes", "everysec") => tracing::warn!("queue Redis fsyncs once a second (appendfsync everysec): a 2xx from the last second may be lost if its host crashes"),
+        ("yes", other) => tracing::warn!(appendfsync = other, "queue Redis leaves fsync to the OS: recent 2xx answers may be lost if its host crashes"),
+        _ => tracing::warn!("queue Redis runs without AOF (appendonly no): a 2xx will NOT survive a Redis restart; run it with --appendonly yes --appendfsync always"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,8 @@
 //! an entry first and last failed and why, across deliveries and processes, so a dead
 //! letter can say so. It is written only on failure and cleared when the entry is finished.
 
+use std::time::Duration;
+
 use crate::connection::RedisConn;
 use serde::{Deserialize, Serialize};
 
@@ -135,6 +137,32 @@ impl StatusKeys {
             .arg(format!("{entry_id}:last"))
             .arg(format!("{now} {step}: {error}"))
             .ignore();
+    }
+
+    /// Notes a failed attempt at `step` of these `(entry id, request id, user id)`s: in the
+    /// failure history (for dead letters) and in their status records (`retrying`, with the
+    /// step as the last error). Best effort, for at most a second: the queue may be what
+    /// failed, and the attempt is retried either way.
+    pub async fn note_failures<'a>(
+        &self,
+        conn: &RedisConn,
+        stream: &str,
+        step: &str,
+        error: &str,
+        entries: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
+    ) {
+        let mut pipe = redis::pipe();
+        for (entry_id, request_id, user_id) in entries {
+            self.add_failure(&mut pipe, stream, entry_id, step, error);
+            let record = RequestRecord {
+                last_error: Some(step.to_string()),
+                ..RequestRecord::of(request_id, user_id, RequestState::Retrying)
+            };
+            self.add_record(&mut pipe, stream, &record, false);
+        }
+        let mut conn = conn.clone();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), pipe.query_async::<()>(&mut conn)).await;
     }
 
     /// The failure history of an entry: first failure time, last failure time and error.

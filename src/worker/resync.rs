@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{EngineCommand, EnginePublisher};
-use crate::store::Store;
 use crate::retry::{JobError, RetryPolicy, StepError};
+use crate::store::Store;
 
 /// Users per page (one store read, one pipeline of XADDs).
 pub const PAGE: usize = 1000;

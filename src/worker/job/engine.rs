@@ -14,8 +14,8 @@ use crate::clock::now_millis;
 use crate::engine::publisher::PublishError;
 use crate::engine::EngineCommand;
 use crate::queue::lease::Lease;
-use crate::telemetry;
 use crate::retry::{JobError, StepError};
+use crate::telemetry;
 
 impl WorkerContext {
     /// Publishes the `createUser` of every stored request this consumer still owns.

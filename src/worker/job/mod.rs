@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::retry::{JobError, RetryPolicy, StepError};
 use crate::clock::now_millis;
 use crate::connection::{RawEntry, RedisConn};
 use crate::engine::confirm::Confirmations;
@@ -27,10 +26,12 @@ use crate::queue::ingress::EnsureRequest;
 use crate::queue::lease::{self, Ending, Lease};
 use crate::queue::outcome::{Delivery, Outcome, OutcomeBus};
 use crate::queue::status::{RequestRecord, RequestState, StatusKeys};
+use crate::retry::{JobError, RetryPolicy, StepError};
 use crate::store::{NewUser, Resolution, Store};
 use crate::telemetry;
 
 mod engine;
+mod store;
 
 /// `ENGINE_CONFIRM=ack`: where replies arrive, how long to wait for one, how often to
 /// publish a command before giving up on it.
@@ -274,7 +275,10 @@ impl WorkerContext {
             }
         }
         metrics::counter!(telemetry::JOBS_COMPLETED).increment(report.done as u64);
-        crate::telemetry::rates::record(crate::telemetry::rates::Event::Completed, report.done as u64);
+        crate::telemetry::rates::record(
+            crate::telemetry::rates::Event::Completed,
+            report.done as u64,
+        );
         crate::telemetry::rates::record(crate::telemetry::rates::Event::Failed, report.dead as u64);
         self.outcomes.deliver(deliveries).await;
         Ok(report)
@@ -333,73 +337,24 @@ impl WorkerContext {
         }
     }
 
-    /// Upserts the batch; `Ok(Err(reason))` when the store refuses it for good.
-    async fn store_step(
-        &self,
-        lease: &Lease,
-        good: &[Decoded],
-    ) -> Result<Result<Vec<Resolution>, String>, JobError> {
-        if good.is_empty() {
-            return Ok(Ok(Vec::new()));
-        }
-        let users: Vec<NewUser> = good
-            .iter()
-            .map(|d| NewUser::new(d.request.user_id.clone(), d.request.email.clone()))
-            .collect();
-        let in_flight: Vec<&Decoded> = good.iter().collect();
-        let result = self
-            .retry
-            .run("store", &self.shutdown, || async {
-                let t = Instant::now();
-                let result = self.store.upsert(users.clone()).await;
-                match result {
-                    Ok(r) => {
-                        metrics::histogram!(telemetry::SQLITE_TXN_SECONDS)
-                            .record(t.elapsed().as_secs_f64());
-                        Ok(r)
-                    }
-                    Err(e) if e.is_retryable() => {
-                        self.note_failure(lease, "store", &in_flight, &e.to_string())
-                            .await;
-                        Err(StepError::Retryable(e.to_string()))
-                    }
-                    Err(e) => Err(StepError::Permanent(e.to_string())),
-                }
-            })
-            .await;
-        match result {
-            Ok(resolutions) => Ok(Ok(resolutions)),
-            Err(JobError::Permanent { reason, .. }) => Ok(Err(reason)),
-            Err(e) => Err(e),
-        }
-    }
-
     /// Remembers a failed attempt: in the failure history (for dead letters) and in the
     /// requests' status records (`retrying`). Best effort: the queue may be what failed.
     /// Entries another consumer took over are theirs to describe.
     async fn note_failure(&self, lease: &Lease, step: &str, in_flight: &[&Decoded], error: &str) {
-        let stream = lease.stream.as_str();
-        let mut pipe = redis::pipe();
-        for d in in_flight.iter().filter(|d| !lease.is_lost(&d.entry.id)) {
-            self.status
-                .add_failure(&mut pipe, stream, &d.entry.id, step, error);
-            self.status.add_record(
-                &mut pipe,
-                stream,
-                &RequestRecord {
-                    last_error: Some(step.to_string()),
-                    ..RequestRecord::of(
-                        &d.request.request_id,
-                        &d.request.user_id,
-                        RequestState::Retrying,
-                    )
-                },
-                false,
-            );
-        }
-        let mut conn = self.queue.clone();
-        let _ =
-            tokio::time::timeout(Duration::from_secs(1), pipe.query_async::<()>(&mut conn)).await;
+        let entries = in_flight
+            .iter()
+            .filter(|d| !lease.is_lost(&d.entry.id))
+            .map(|d| {
+                let r = &d.request;
+                (
+                    d.entry.id.as_str(),
+                    r.request_id.as_str(),
+                    r.user_id.as_str(),
+                )
+            });
+        self.status
+            .note_failures(&self.queue, &lease.stream, step, error, entries)
+            .await;
     }
 }
 

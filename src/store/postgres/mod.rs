@@ -22,6 +22,10 @@ use tokio_postgres::NoTls;
 
 use super::{NewUser, Resolution, StoreError, StoreOptions};
 
+mod errors;
+
+use errors::{classify, describe, is_conflict, is_transient, pool_error};
+
 const MIGRATIONS: &[&str] = &[
     // 1: the users table.
     "CREATE TABLE IF NOT EXISTS users (
@@ -358,46 +362,6 @@ async fn upsert_batch(
     // batch finds those rows by id at once.
     tx.commit().await?;
     Ok(resolved)
-}
-
-/// Connection trouble, serialisation failures, deadlocks, a server shutting down or out
-/// of resources: the same batch may succeed later.
-fn is_transient(e: &tokio_postgres::Error) -> bool {
-    match e.code() {
-        None => true, // no SQLSTATE: the connection itself failed
-        Some(code) => {
-            let c = code.code();
-            c.starts_with("08")
-                || c.starts_with("53")
-                || c.starts_with("57")
-                || c == "40001"
-                || c == "40P01"
-        }
-    }
-}
-
-/// A deadlock or serialisation failure: another transaction won; run it again.
-fn is_conflict(e: &tokio_postgres::Error) -> bool {
-    matches!(e.code().map(|c| c.code()), Some("40001" | "40P01"))
-}
-
-fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
-    }
-}
-
-fn classify(e: tokio_postgres::Error) -> StoreError {
-    if is_transient(&e) {
-        StoreError::Transient(describe(&e))
-    } else {
-        StoreError::Fatal(describe(&e))
-    }
-}
-
-fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
-    StoreError::Transient(format!("no PostgreSQL connection: {e}"))
 }
 
 #[cfg(test)]
