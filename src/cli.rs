@@ -84,7 +84,7 @@ pub enum DeadLetterCommand {
     /// Delete dead letters.
     Purge {
         /// Only those older than this, e.g. 30s, 15m, 12h, 7d.
-        #[arg(long, value_parser = parse_duration_ms)]
+        #[arg(long, value_parser = crate::clock::parse_age_ms)]
         older_than: Option<u64>,
     },
 }
@@ -205,36 +205,9 @@ pub enum ImportFormat {
     Jsonl,
 }
 
-/// Parses `90s`, `15m`, `12h`, `7d` (or a bare number of seconds) into milliseconds.
-pub fn parse_duration_ms(raw: &str) -> Result<u64, String> {
-    let raw = raw.trim();
-    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
-    let (number, unit) = raw.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a duration like 30s, 15m, 12h or 7d"))?;
-    let secs = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("{raw:?} has an unknown unit (use s, m, h or d)")),
-    };
-    Ok(n.saturating_mul(secs).saturating_mul(1000))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration_ms("90"), Ok(90_000));
-        assert_eq!(parse_duration_ms("15m"), Ok(900_000));
-        assert_eq!(parse_duration_ms("7d"), Ok(604_800_000));
-        assert!(parse_duration_ms("soon").is_err());
-        assert!(parse_duration_ms("5y").is_err());
-    }
 
     #[test]
     fn cli_parses() {

@@ -1,24 +1,19 @@
 //! The token settings: the HMAC secret(s) and key files `JWT_*` name, read at start.
 
-use std::fmt;
+use secrecy::{ExposeSecret as _, SecretSlice};
 
-/// The HMAC secret that signs and verifies tokens. Its `Debug` never shows the bytes.
-#[derive(Clone, PartialEq, Eq)]
-pub struct JwtSecret(pub(super) Vec<u8>);
+/// A secret the settings hold (the HMAC key, the console token): `secrecy` keeps it out of
+/// `Debug` and zeroes it when dropped.
+#[derive(Clone, Debug)]
+pub struct JwtSecret(SecretSlice<u8>);
 
 impl JwtSecret {
     pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
-        Self(bytes.into())
+        Self(bytes.into().into())
     }
 
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for JwtSecret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "JwtSecret({} bytes)", self.0.len())
+        self.0.expose_secret()
     }
 }
 

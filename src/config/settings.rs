@@ -106,7 +106,7 @@ impl Settings<'_> {
                 name,
                 format!("set either {name} or {file_name}, not both"),
             )),
-            (Some(s), None) => Ok(Some(JwtSecret(s.into_bytes()))),
+            (Some(s), None) => Ok(Some(JwtSecret::new(s.into_bytes()))),
             (None, Some(path)) => {
                 let mut bytes = std::fs::read(&path)
                     .map_err(|e| ConfigError::new(file_name, format!("cannot read {path}: {e}")))?;
@@ -117,7 +117,7 @@ impl Settings<'_> {
                 if bytes.is_empty() {
                     return Err(ConfigError::new(file_name, format!("{path} is empty")));
                 }
-                Ok(Some(JwtSecret(bytes)))
+                Ok(Some(JwtSecret::new(bytes)))
             }
             (None, None) => Ok(None),
         }

@@ -202,3 +202,16 @@ fn secret_file_loses_its_trailing_newline() {
     assert!(!debug.contains("from-file"), "{debug}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn secrets_never_show_in_debug_output() {
+    let c = Config::from_vars([
+        ("JWT_SECRET", "jwt-secret-value"),
+        ("ADMIN_TOKEN", "admin-token-value-0123"),
+    ])
+    .unwrap();
+    let shown = format!("{c:?}");
+    assert!(!shown.contains("jwt-secret-value"), "{shown}");
+    assert!(!shown.contains("admin-token-value-0123"), "{shown}");
+    assert_eq!(c.admin_token.unwrap().as_bytes(), b"admin-token-value-0123");
+}

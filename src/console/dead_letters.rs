@@ -144,7 +144,7 @@ async fn find(console: &Console, stream: &str, id: &str) -> Option<RawEntry> {
 /// Purges the letters older than `older_than` (`30s`, `15m`, `12h`, `7d`; `0s`: all).
 pub async fn purge(console: &Console, older_than: &str) -> Done {
     let mut done = Done::default();
-    let age = match crate::cli::parse_duration_ms(older_than) {
+    let age = match crate::clock::parse_age_ms(older_than) {
         Ok(ms) => ms,
         Err(why) => {
             done.failed = true;
