@@ -34,11 +34,11 @@ const NO_TOKEN: &str = r#"{"error":"No token provided."}"#;
 const INVALID: &str = r#"{"error":"Invalid or expired token."}"#;
 const PAYLOAD: &str = r#"{"error":"Invalid token payload."}"#;
 
-#[tokio::test]
-async fn refused_credentials_get_the_contract_answers_and_leave_no_trace() {
-    let app = spawn_app().await;
+/// Credentials the contract refuses: name, the `Authorization` header (`None`: none), the
+/// status and the exact body.
+fn refused_credentials() -> Vec<(&'static str, Option<String>, u16, &'static str)> {
     let good = json!({"userId": "u", "email": "u@example.com"});
-    let cases: Vec<(&str, Option<String>, u16, &str)> = vec![
+    vec![
         ("no header", None, 401, NO_TOKEN),
         (
             "other scheme",
@@ -158,7 +158,13 @@ async fn refused_credentials_get_the_contract_answers_and_leave_no_trace() {
             400,
             PAYLOAD,
         ),
-    ];
+    ]
+}
+
+#[tokio::test]
+async fn refused_credentials_get_the_contract_answers_and_leave_no_trace() {
+    let app = spawn_app().await;
+    let cases = refused_credentials();
     for (name, header, status, body) in cases {
         let response = app.ensure_with_header(header.as_deref()).await;
         assert_eq!(response.status(), status, "{name}");

@@ -249,6 +249,51 @@ fn tail(log: &str) -> String {
 
 /// Output the test harness does not capture: a skip must be seen, and the browser's
 /// results belong in the CI log.
+/// What the page reports from a listed origin: both platform calls succeeded, the queued
+/// call got its 202 with a `Location` the page could read and follow, and the no-cors probe
+/// got its opaque answer.
+fn assert_every_step_worked(listed: &serde_json::Value) {
+    assert_eq!(listed["recoverUserState"], true, "{listed}");
+    assert_eq!(listed["onboardNewUser"], true, "{listed}");
+    let queued = &listed["queued"];
+    assert_eq!(queued["status"], 202, "{listed}");
+    let request_id = queued["requestId"].as_str().expect("a request id");
+    assert_eq!(
+        queued["location"],
+        format!("{ENSURE_PATH}/requests/{request_id}"),
+        "{listed}"
+    );
+    assert_eq!(queued["statusAnswer"], 200, "{listed}");
+    assert_eq!(queued["statusRequestId"], request_id, "{listed}");
+    assert_eq!(listed["reachable"], "opaque", "{listed}");
+}
+
+/// Chromium's console line saying it refused the preflight's answer for `origin`.
+fn cors_refusal<'a>(log: &'a str, origin: &str) -> &'a str {
+    log.lines()
+        .find(|l| {
+            l.contains("blocked by CORS policy") && l.contains("preflight") && l.contains(origin)
+        })
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no CORS refusal in chromium's log:\n{}", tail(log)))
+}
+
+/// The page's three tokens: users `<prefix>-recover`, `-onboard` and `-queued`, with the
+/// emails `<local>@example.com` for the given locals.
+fn page_tokens(prefix: &str, locals: [&str; 3]) -> serde_json::Value {
+    let step = |i: usize, name: &str| {
+        token(
+            &format!("{prefix}-{name}"),
+            &format!("{}@example.com", locals[i]),
+        )
+    };
+    serde_json::json!({
+        "recover": step(0, "recover"),
+        "onboard": step(1, "onboard"),
+        "queued": step(2, "queued"),
+    })
+}
+
 fn say(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
@@ -256,12 +301,7 @@ fn say(line: &str) {
 #[tokio::test]
 async fn chromium_calls_the_api_from_a_listed_origin_and_is_refused_from_another() {
     let started = Instant::now();
-    let Some(chromium) = find_chromium() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI is set and chromium is missing: scripts/install-deps installs it"
-        );
-        say("browser test SKIPPED: chromium is not installed (apt-get install chromium); in CI (CI set) this fails");
+    let Some(chromium) = chromium_or_skip("browser test") else {
         return;
     };
 
@@ -279,28 +319,12 @@ async fn chromium_calls_the_api_from_a_listed_origin_and_is_refused_from_another
     let api_queued = format!("http://{}", queued_app.address);
 
     // The listed origin: every step works.
-    let tokens = serde_json::json!({
-        "recover": token("browser-recover", "recover@example.com"),
-        "onboard": token("browser-onboard", "onboard@example.com"),
-        "queued": token("browser-queued", "queued@example.com"),
-    });
+    let tokens = page_tokens("browser", ["recover", "onboard", "queued"]);
     let page = PageServer::serve(listener, page_html(&api, &api_queued, &tokens));
     let run = load_in_chromium(&chromium, &page.url()).await;
     let listed = page_result(&page, &run);
     let listed_took = started.elapsed();
-    assert_eq!(listed["recoverUserState"], true, "{listed}");
-    assert_eq!(listed["onboardNewUser"], true, "{listed}");
-    let queued = &listed["queued"];
-    assert_eq!(queued["status"], 202, "{listed}");
-    let request_id = queued["requestId"].as_str().expect("a request id");
-    assert_eq!(
-        queued["location"],
-        format!("{ENSURE_PATH}/requests/{request_id}"),
-        "{listed}"
-    );
-    assert_eq!(queued["statusAnswer"], 200, "{listed}");
-    assert_eq!(queued["statusRequestId"], request_id, "{listed}");
-    assert_eq!(listed["reachable"], "opaque", "{listed}");
+    assert_every_step_worked(&listed);
     assert_eq!(
         app.rows(),
         [
@@ -315,11 +339,7 @@ async fn chromium_calls_the_api_from_a_listed_origin_and_is_refused_from_another
     .await;
 
     // Another origin, not on the list: the browser refuses every answer.
-    let tokens = serde_json::json!({
-        "recover": token("stranger-recover", "s1@example.com"),
-        "onboard": token("stranger-onboard", "s2@example.com"),
-        "queued": token("stranger-queued", "s3@example.com"),
-    });
+    let tokens = page_tokens("stranger", ["s1", "s2", "s3"]);
     let stranger = PageServer::serve(
         PageServer::bind().await,
         page_html(&api, &api_queued, &tokens),
@@ -336,16 +356,7 @@ async fn chromium_calls_the_api_from_a_listed_origin_and_is_refused_from_another
     // `no-cors` request gets its opaque answer), the browser's console says it refused the
     // answer to the preflight (which had no Allow-Origin), and no POST was carried out.
     assert_eq!(blocked["reachable"], "opaque", "{blocked}");
-    let cors_refusal = run
-        .log
-        .lines()
-        .find(|l| {
-            l.contains("blocked by CORS policy")
-                && l.contains("preflight")
-                && l.contains(&stranger.origin)
-        })
-        .map(str::trim)
-        .unwrap_or_else(|| panic!("no CORS refusal in chromium's log:\n{}", tail(&run.log)));
+    let cors_refusal = cors_refusal(&run.log, &stranger.origin);
     assert_eq!(app.rows().len(), 2);
     assert_eq!(queued_app.rows().len(), 1);
 

@@ -26,18 +26,9 @@ pub fn csrf_of(page: &str) -> String {
         .to_string()
 }
 
-/// The number in the overview's cell `data-field="<field>"` of `stream`'s row.
 /// The text of a console page, fetched with the admin token.
 async fn page_text(client: &reqwest::Client, url: &str) -> String {
-    client
-        .get(url)
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    text_of(client.get(url).bearer_auth(ADMIN_TOKEN)).await
 }
 
 fn cell(page: &str, stream: &str, field: &str) -> u64 {
@@ -177,14 +168,7 @@ async fn a_post_without_the_csrf_token_is_refused() {
     assert_eq!(app.queue.entries("stream:ensure-user:dead").await.len(), 1);
 
     // With the page's token the same replay goes through, and the page says what it did.
-    let page = client
-        .get(console_url(&app, "/console/dead-letters"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = text_of(client.get(console_url(&app, "/console/dead-letters"))).await;
     let csrf = csrf_of(&page);
     let response = client
         .post(console_url(&app, "/console/dead-letters/replay"))

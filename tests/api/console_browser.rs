@@ -173,14 +173,18 @@ impl Drop for Browser {
     }
 }
 
+/// Where the screenshots go: `CONSOLE_SCREENSHOTS` (relative to the repository: `docs`
+/// redraws the README's), else `scratch`, so a test run leaves the repository as it was.
+fn screenshot_folder(scratch: &Path) -> std::path::PathBuf {
+    match std::env::var_os("CONSOLE_SCREENSHOTS") {
+        Some(dir) => Path::new(env!("CARGO_MANIFEST_DIR")).join(dir),
+        None => scratch.to_path_buf(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_replays_a_poison_entry_from_the_dead_letter_page() {
-    let Some(chromium) = find_chromium() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI is set and chromium is missing: scripts/install-deps installs it"
-        );
-        eprintln!("console browser test SKIPPED: chromium is not installed");
+    let Some(chromium) = chromium_or_skip("console browser test") else {
         return;
     };
     let app = spawn_app().await;
@@ -190,10 +194,7 @@ async fn chromium_replays_a_poison_entry_from_the_dead_letter_page() {
             .await;
         assert_eq!(response.status(), 200);
     }
-    rusqlite::Connection::open(&app.db_path)
-        .unwrap()
-        .execute_batch(REFUSE_POISON_SQL)
-        .unwrap();
+    refuse_poison(&app.db_path);
     let response = app.ensure(&token("poison", "poison@example.com")).await;
     assert_eq!(response.status(), 500);
     let dead = app.queue.entries("stream:ensure-user:dead").await;
@@ -205,22 +206,12 @@ async fn chromium_replays_a_poison_entry_from_the_dead_letter_page() {
     // The screenshots go to a scratch folder, or where CONSOLE_SCREENSHOTS says (`docs` to
     // redraw the README's): a test run leaves the repository as it was.
     let scratch = tempfile::tempdir().unwrap();
-    let docs = match std::env::var_os("CONSOLE_SCREENSHOTS") {
-        Some(dir) => Path::new(env!("CARGO_MANIFEST_DIR")).join(dir),
-        None => scratch.path().to_path_buf(),
-    };
+    let docs = screenshot_folder(scratch.path());
     let overview_url = console_url(&app, "/console/");
     let letters_url = console_url(&app, "/console/dead-letters");
     let lookup_url = console_url(&app, "/console/requests?q=poison");
-    let repaired = {
-        let db = app.db_path.clone();
-        move || {
-            rusqlite::Connection::open(&db)
-                .unwrap()
-                .execute_batch(REPAIR_POISON_SQL)
-                .unwrap();
-        }
-    };
+    let db = app.db_path.clone();
+    let repaired = move || repair_poison(&db);
     let (before, lookup, after) = tokio::task::spawn_blocking(move || {
         let mut browser = Browser::start(&chromium);
         browser.open(&overview_url);

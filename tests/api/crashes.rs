@@ -7,8 +7,13 @@ use serde_json::Value;
 
 use crate::helpers::*;
 
-/// Sends `n` ensures of distinct users concurrently; returns the user ids answered 2xx.
-async fn send_load(address: std::net::SocketAddr, prefix: &str, n: usize) -> BTreeSet<String> {
+/// Sends `n` ensures of distinct users (`<prefix>-<i>`) concurrently; returns each user
+/// with its status, or `None` where the connection failed.
+async fn send_each(
+    address: std::net::SocketAddr,
+    prefix: &str,
+    n: usize,
+) -> Vec<(String, Option<u16>)> {
     let client = reqwest::Client::new();
     let requests = (0..n).map(|i| {
         let client = client.clone();
@@ -19,16 +24,20 @@ async fn send_load(address: std::net::SocketAddr, prefix: &str, n: usize) -> BTr
                 .bearer_auth(token(&user, &format!("{user}@example.com")))
                 .send()
                 .await;
-            match r {
-                Ok(r) if r.status().is_success() => Some(user),
-                _ => None,
-            }
+            let status = r.ok().map(|r| r.status().as_u16());
+            (user, status)
         }
     });
-    futures_util::future::join_all(requests)
+    futures_util::future::join_all(requests).await
+}
+
+/// Sends `n` ensures of distinct users concurrently; returns the user ids answered 2xx.
+async fn send_load(address: std::net::SocketAddr, prefix: &str, n: usize) -> BTreeSet<String> {
+    send_each(address, prefix, n)
         .await
         .into_iter()
-        .flatten()
+        .filter(|(_, status)| status.is_some_and(|s| (200..300).contains(&s)))
+        .map(|(user, _)| user)
         .collect()
 }
 
@@ -199,21 +208,11 @@ async fn sigterm_with_requests_in_flight_answers_all_and_loses_nothing() {
 
     let address = serve.address;
     let load = tokio::spawn(async move {
-        let client = reqwest::Client::new();
-        let requests = (0..30).map(|i| {
-            let client = client.clone();
-            let user = format!("term-{i}");
-            async move {
-                let r = client
-                    .post(format!("http://{address}{ENSURE_PATH}"))
-                    .bearer_auth(token(&user, &format!("{user}@example.com")))
-                    .send()
-                    .await
-                    .expect("an answer, not a dropped connection");
-                (user, r.status().as_u16())
-            }
-        });
-        futures_util::future::join_all(requests).await
+        let answers = send_each(address, "term", 30).await;
+        answers
+            .into_iter()
+            .map(|(user, status)| (user, status.expect("an answer, not a dropped connection")))
+            .collect::<Vec<_>>()
     });
     // Every request is queued (a few read by workers that cannot finish them) and waiting.
     eventually("all 30 requests queued", || async {

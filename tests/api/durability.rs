@@ -14,10 +14,7 @@ async fn a_refused_request_is_dead_lettered_answered_500_and_replayable_after_re
             .status(),
         200
     );
-    rusqlite::Connection::open(&app.db_path)
-        .unwrap()
-        .execute_batch(REFUSE_POISON_SQL)
-        .unwrap();
+    refuse_poison(&app.db_path);
 
     let response = app.ensure(&token("poison", "poison@example.com")).await;
 
@@ -60,10 +57,7 @@ async fn a_refused_request_is_dead_lettered_answered_500_and_replayable_after_re
     let dead_id = letter["id"].as_str().unwrap().to_string();
 
     // Repair, then replay.
-    rusqlite::Connection::open(&app.db_path)
-        .unwrap()
-        .execute_batch(REPAIR_POISON_SQL)
-        .unwrap();
+    repair_poison(&app.db_path);
     let replayed = run_cli(&["dead-letters", "replay", &dead_id], &vars);
     assert!(replayed.contains("1 of 1 replayed"), "{replayed}");
 

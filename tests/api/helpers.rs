@@ -561,6 +561,43 @@ pub const REFUSE_POISON_SQL: &str = "CREATE TRIGGER refuse_poison BEFORE INSERT 
      WHEN NEW.user_id = 'poison' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;";
 pub const REPAIR_POISON_SQL: &str = "DROP TRIGGER refuse_poison";
 
+/// Runs [`REFUSE_POISON_SQL`] on the SQLite file at `db`.
+pub fn refuse_poison(db: &std::path::Path) {
+    run_sql(db, REFUSE_POISON_SQL);
+}
+
+/// Runs [`REPAIR_POISON_SQL`] on the SQLite file at `db`.
+pub fn repair_poison(db: &std::path::Path) {
+    run_sql(db, REPAIR_POISON_SQL);
+}
+
+/// Runs `sql` on the SQLite file at `db`, as an operator with `sqlite3` would.
+pub fn run_sql(db: &std::path::Path, sql: &str) {
+    rusqlite::Connection::open(db)
+        .unwrap()
+        .execute_batch(sql)
+        .unwrap();
+}
+
+/// Sends `request` and reads its answer's body as text.
+pub async fn text_of(request: reqwest::RequestBuilder) -> String {
+    request.send().await.unwrap().text().await.unwrap()
+}
+
+/// `chromium` for a browser test; `None` (the test skips, saying so) when it is not
+/// installed, except in CI (`CI` set), where a missing browser fails the test.
+pub fn chromium_or_skip(test: &str) -> Option<String> {
+    let found = find_chromium();
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set and chromium is missing: scripts/install-deps installs it"
+        );
+        eprintln!("{test} SKIPPED: chromium is not installed (apt-get install chromium); in CI (CI set) this fails");
+    }
+    found
+}
+
 /// `chromium` on `PATH`, if any.
 pub fn find_chromium() -> Option<String> {
     let path = std::env::var_os("PATH")?;

@@ -117,9 +117,9 @@ fn post(headers: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-#[tokio::test]
-async fn hostile_tokens_get_their_exact_answers_and_leave_no_trace() {
-    let app = spawn_app().await;
+/// Tokens the ensure route must refuse (or a header it must not take as one): name, the
+/// `Authorization` value's token (`None`: no header), the status, the exact body.
+fn hostile_tokens() -> Vec<(&'static str, Option<String>, u16, &'static str)> {
     let deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
     let huge_claims =
         hs256(json!({"userId": "u", "email": "u@example.com", "pad": "x".repeat(5000)}));
@@ -145,7 +145,7 @@ async fn hostile_tokens_get_their_exact_answers_and_leave_no_trace() {
             .extend(extra.as_object().unwrap().clone());
         hs256(c)
     };
-    let cases: Vec<(&str, Option<String>, u16, &str)> = vec![
+    vec![
         (
             "alg none",
             Some(format!(
@@ -425,25 +425,16 @@ async fn hostile_tokens_get_their_exact_answers_and_leave_no_trace() {
             400,
             PAYLOAD,
         ),
-    ];
-    assert!(cases.len() >= 40);
-    for (name, token, status, body) in &cases {
-        let response = app
-            .ensure_with_header(token.as_ref().map(|t| format!("Bearer {t}")).as_deref())
-            .await;
-        assert_eq!(response.status(), *status, "{name}");
-        if *status == 401 {
-            assert_eq!(response.headers()["www-authenticate"], "Bearer", "{name}");
-        }
-        assert_eq!(response.text().await.unwrap(), *body, "{name}");
-    }
+    ]
+}
 
-    // Header-level cases, byte for byte on the wire.
-    let token = token("victim", "victim@example.com");
+/// Requests refused on the wire, byte for byte: name, the bytes, the status, the body
+/// when it is the service's (hyper's own refusals have none worth pinning).
+fn hostile_requests(token: &str) -> Vec<(&'static str, Vec<u8>, u16, Option<&'static str>)> {
     let two = post(&format!(
         "Authorization: Bearer {token}\r\nAuthorization: Bearer {token}\r\n"
     ));
-    let raw_cases: Vec<(&str, Vec<u8>, u16, Option<&str>)> = vec![
+    vec![
         ("two Authorization headers", two, 401, Some(INVALID)),
         ("Basic credentials", post("Authorization: Basic dXNlcjpwYXNz\r\n"), 401, Some(NO_TOKEN)),
         ("non-ASCII Authorization", {
@@ -469,7 +460,28 @@ async fn hostile_tokens_get_their_exact_answers_and_leave_no_trace() {
         ("two Content-Lengths", format!("POST {ENSURE_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello").into_bytes(), 400, None),
         ("binary request line", b"\x00\x01\x02\x03 garbage \xff\r\n\r\n".to_vec(), 400, None),
         ("invalid UTF-8 path", b"POST /api/v1/auth/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), 400, None),
-    ];
+    ]
+}
+
+#[tokio::test]
+async fn hostile_tokens_get_their_exact_answers_and_leave_no_trace() {
+    let app = spawn_app().await;
+    let cases = hostile_tokens();
+    assert!(cases.len() >= 40);
+    for (name, token, status, body) in &cases {
+        let response = app
+            .ensure_with_header(token.as_ref().map(|t| format!("Bearer {t}")).as_deref())
+            .await;
+        assert_eq!(response.status(), *status, "{name}");
+        if *status == 401 {
+            assert_eq!(response.headers()["www-authenticate"], "Bearer", "{name}");
+        }
+        assert_eq!(response.text().await.unwrap(), *body, "{name}");
+    }
+
+    // Header-level cases, byte for byte on the wire.
+    let token = token("victim", "victim@example.com");
+    let raw_cases = hostile_requests(&token);
     for (name, bytes, status, body) in raw_cases {
         let answer = raw(&app, &bytes).await;
         let answer = answer.unwrap_or_else(|| panic!("{name}: no answer"));

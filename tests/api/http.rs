@@ -155,15 +155,11 @@ async fn a_client_too_slow_with_its_headers_is_disconnected() {
 async fn metrics_are_served_on_their_own_port() {
     let app = spawn_app().await;
     assert_eq!(app.ensure(&token("m", "m@example.com")).await.status(), 200);
-    let text = app
-        .client
-        .get(format!("http://{}/metrics", app.metrics_address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = text_of(
+        app.client
+            .get(format!("http://{}/metrics", app.metrics_address)),
+    )
+    .await;
     assert!(text.contains("ensure_user_http_requests_total"), "{text}");
     assert!(text.contains("ensure_user_build_info"), "{text}");
     app.shutdown().await.unwrap();

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ensure_user::store::{NewUser, Resolution, StoreOptions};
+use ensure_user::store::{NewUser, Resolution, Store, StoreOptions};
 
 use crate::helpers::*;
 
@@ -13,6 +13,48 @@ fn user(id: &str, email: &str) -> NewUser {
 
 fn stored(id: &str, email: &str) -> Resolution {
     Resolution::stored(id, email)
+}
+
+/// Concurrent batches that overlap: one row per user, one owner per email.
+async fn overlapping_batches_store_one_row_each(db: &TestDb, store: &Arc<Store>) {
+    // Concurrent batches that overlap: one row per user, one owner per email. A batch may
+    // fail retryably while they contend (a deadlock, a lock wait over the statement
+    // timeout on a loaded machine); the worker runs such a batch again, and so does this.
+    let tasks = (0..8).map(|t| {
+        let store = Arc::clone(store);
+        tokio::spawn(async move {
+            let users: Vec<NewUser> = (0..40)
+                .map(|i| {
+                    user(
+                        &format!("c{}", (i + t * 7) % 60),
+                        &format!("c{}@x.com", (i + t * 7) % 60),
+                    )
+                })
+                .collect();
+            eventually("the concurrent batch to be stored", || {
+                let (store, users) = (Arc::clone(&store), users.clone());
+                async move {
+                    match store.upsert(users).await {
+                        Ok(resolutions) => Some(resolutions),
+                        Err(e) if e.is_retryable() => None,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+            .await
+        })
+    });
+    for task in futures_util::future::join_all(tasks).await {
+        assert!(task
+            .unwrap()
+            .iter()
+            .all(|r| matches!(r, Resolution::Stored { .. })));
+    }
+    let rows = db.rows().await;
+    assert_eq!(
+        rows.iter().filter(|(id, _)| id.starts_with('c')).count(),
+        60
+    );
 }
 
 /// Every rule, against one store.
@@ -73,45 +115,8 @@ async fn behaviour(db: &TestDb) {
         ]
     );
 
-    // Concurrent batches that overlap: one row per user, one owner per email. A batch may
-    // fail retryably while they contend (a deadlock, a lock wait over the statement
-    // timeout on a loaded machine); the worker runs such a batch again, and so does this.
     let store = Arc::new(store);
-    let tasks = (0..8).map(|t| {
-        let store = Arc::clone(&store);
-        tokio::spawn(async move {
-            let users: Vec<NewUser> = (0..40)
-                .map(|i| {
-                    user(
-                        &format!("c{}", (i + t * 7) % 60),
-                        &format!("c{}@x.com", (i + t * 7) % 60),
-                    )
-                })
-                .collect();
-            eventually("the concurrent batch to be stored", || {
-                let (store, users) = (Arc::clone(&store), users.clone());
-                async move {
-                    match store.upsert(users).await {
-                        Ok(resolutions) => Some(resolutions),
-                        Err(e) if e.is_retryable() => None,
-                        Err(e) => panic!("{e}"),
-                    }
-                }
-            })
-            .await
-        })
-    });
-    for task in futures_util::future::join_all(tasks).await {
-        assert!(task
-            .unwrap()
-            .iter()
-            .all(|r| matches!(r, Resolution::Stored { .. })));
-    }
-    let rows = db.rows().await;
-    assert_eq!(
-        rows.iter().filter(|(id, _)| id.starts_with('c')).count(),
-        60
-    );
+    overlapping_batches_store_one_row_each(db, &store).await;
 
     // A row the database refuses is refused alone; its neighbours are stored.
     db.refuse("bad").await;
