@@ -3,7 +3,8 @@
 //! Each listener process has an id; each entry names it in `reply_to`. A worker finishing an
 //! entry of its own process completes the waiter in memory; any other entry's outcome is
 //! PUBLISHed on that listener's channel, which the listener reads with one subscriber
-//! connection. A lost notification only turns a 200 into a 202, never into a wrong answer.
+//! connection. A lost notification turns a 200 into a 202: the request's status URL still
+//! tells how it ended, since the status record is written by the script that finishes it.
 
 use serde::{Deserialize, Serialize};
 
