@@ -195,9 +195,7 @@ impl Authenticator {
             return Err(AuthError::InvalidToken);
         }
         let header = read_header(token).ok_or(AuthError::InvalidToken)?;
-        // Claims nested too deep need no scan of ours: serde_json refuses them (recursion
-        // limit 128) once the signature matched, and that answers 401 like any bad payload.
-        if header.crit.is_some() {
+        if header.crit.is_some() || !payload_is_shallow(token) {
             return Err(AuthError::InvalidToken);
         }
         // An unknown name ("none" included) does not parse; a known one must be allowed.
@@ -281,6 +279,44 @@ fn read_header(token: &str) -> Option<JoseHeader> {
         .decode(encoded)
         .ok()?;
     serde_json::from_slice(&json).ok()
+}
+
+/// Claims nested deeper than this are refused as malformed: no identity needs them.
+const MAX_CLAIMS_DEPTH: usize = 16;
+
+/// True when the payload's JSON nests no deeper than [`MAX_CLAIMS_DEPTH`] (a byte scan
+/// that skips strings; the JSON itself is parsed later, after the signature is checked).
+///
+/// Not serde_json's job, though it has a recursion limit: claims we do not read are
+/// skipped as `IgnoredAny`, and serde_json skips a value without counting its depth, so a
+/// 300-deep unknown claim would parse (`hostile.rs`, "deeply nested claims").
+fn payload_is_shallow(token: &str) -> bool {
+    use base64::Engine as _;
+    let Some(encoded) = token.split('.').nth(1) else {
+        return false;
+    };
+    let Ok(json) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(encoded) else {
+        return false;
+    };
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in &json {
+        match (in_string, escaped, b) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (true, false, b'"') => in_string = false,
+            (true, false, _) => {}
+            (false, _, b'"') => in_string = true,
+            (false, _, b'[' | b'{') => {
+                depth += 1;
+                if depth > MAX_CLAIMS_DEPTH {
+                    return false;
+                }
+            }
+            (false, _, b']' | b'}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
 }
 
 fn public_key_from_pem(pem: &[u8], algorithms: &[Algorithm]) -> Option<DecodingKey> {
