@@ -155,7 +155,8 @@ fn sqlite_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
             {
                 let mut upsert = tx.prepare_cached(UPSERT)?;
                 for (user_id, email) in &users {
-                    stored.push(upsert.query_row([user_id, email], |r| Ok((r.get(0)?, r.get(1)?)))?);
+                    stored
+                        .push(upsert.query_row([user_id, email], |r| Ok((r.get(0)?, r.get(1)?)))?);
                 }
             }
             tx.commit()?;
@@ -197,7 +198,9 @@ async fn consume(
             .map(|e| (e.user_id.clone(), e.email.clone()))
             .collect();
         let (reply, stored) = oneshot::channel();
-        store.send((users, reply)).map_err(|_| "the SQLite thread stopped")?;
+        store
+            .send((users, reply))
+            .map_err(|_| "the SQLite thread stopped")?;
         let stored = stored.await.map_err(|_| "the SQLite thread stopped")??;
 
         let mut publish = redis::pipe();
