@@ -2,12 +2,19 @@
 -- tokens (one per line in the file given after `--`), so every request names a user and the
 -- server never sees the same token twice in a row.
 --
---   wrk -t2 -c64 -d10s --latency -s bench/tokens.lua http://127.0.0.1:PORT -- tokens.txt
+--   wrk -t2 -c64 -d10s --latency -s bench/tokens.lua http://127.0.0.1:PORT -- tokens.txt [THREADS] [BODY]
+--
+-- BODY is the request's shape: `empty` (default; no body, no Content-Type, as curl or a
+-- server-side caller sends it) or `json` (body `{}` with `Content-Type: application/json`,
+-- as the platform's web client, axios, sends it).
 --
 -- Each thread starts at its own offset in the pool. Requests are pre-formatted once in
 -- init(), so the client spends its CPU on sockets, not on Lua. Statuses are counted per
 -- thread in response(); done() sums them and prints one machine-readable line:
---   BENCH_RESULT requests=… seconds=… rps=… p50_us=… p99_us=… non2xx=… s200=… s202=… errors=…
+--   BENCH_RESULT requests=… seconds=… rps=… p50_us=… p99_us=… p999_us=… max_us=… non2xx=…
+--                s200=… s202=… errors=…
+-- (p99.9 from wrk's latency histogram in done(): `latency:percentile(99.9)`; wrk --latency
+-- itself prints no finer percentile than 99%.)
 
 local path = "/api/v1/auth/ensure-user"
 local threads = {}
@@ -22,10 +29,21 @@ end
 function init(args)
    local file = args[1] or "tokens.txt"
    local nthreads = tonumber(args[2] or "2")
+   local shape = args[3] or "empty"
+   if shape ~= "empty" and shape ~= "json" then
+      error("body shape must be empty or json, not " .. shape)
+   end
    local reqs = {}
    for line in io.lines(file) do
       if #line > 0 then
-         reqs[#reqs + 1] = wrk.format("POST", path, { ["Authorization"] = "Bearer " .. line })
+         if shape == "json" then
+            reqs[#reqs + 1] = wrk.format("POST", path, {
+               ["Authorization"] = "Bearer " .. line,
+               ["Content-Type"] = "application/json",
+            }, "{}")
+         else
+            reqs[#reqs + 1] = wrk.format("POST", path, { ["Authorization"] = "Bearer " .. line })
+         end
       end
    end
    if #reqs == 0 then
