@@ -57,6 +57,9 @@ impl Mode {
 }
 
 /// A built, not yet running, process.
+/// Connections the listener's confirmed XADDs share when `QUEUE_MIN_REPLICAS` is set.
+const REPLICATION_CONNECTIONS: usize = 8;
+
 pub struct Application {
     config: Config,
     mode: Mode,
@@ -125,7 +128,11 @@ impl Application {
             )
             .await?;
             let engine_conn =
-                connection::connect(&config.engine_redis_url, Duration::from_secs(2))?;
+                connection::connect_via(
+                &config.engine_redis_url,
+                config.engine_redis_sentinel.as_ref(),
+                Duration::from_secs(2),
+            )?;
             probes.push(Probe::redis("engine_redis", engine_conn.clone()));
             let pinged = store.clone();
             probes.push(Probe::new(store.name(), move || {
@@ -152,6 +159,8 @@ impl Application {
                 status,
                 max_deliveries: config.max_deliveries,
                 claim_idle: config.claim_idle,
+                replicas: (config.queue_min_replicas > 0)
+                    .then_some((config.queue_min_replicas, config.queue_replica_timeout)),
                 queue: queue_conn.clone(),
                 outcomes: outcome::OutcomeBus::new(
                     local,
@@ -174,15 +183,33 @@ impl Application {
             None
         };
 
+        // QUEUE_MIN_REPLICAS: confirmed XADDs get connections of their own (WAIT blocks one).
+        let replication = if config.queue_min_replicas > 0 && mode.listens() {
+            let mut conns = Vec::new();
+            for _ in 0..REPLICATION_CONNECTIONS {
+                conns.push(queue::connect_queue(&topology, config.enqueue_timeout).await?);
+            }
+            Some(ingress::Replication::new(
+                config.queue_min_replicas,
+                config.queue_replica_timeout,
+                conns,
+            ))
+        } else {
+            None
+        };
         let api = Arc::new(ApiState {
             auth: Authenticator::new(&config.jwt)?,
             ingress: mode.listens().then(|| {
-                ingress::Ingress::new(
+                let ingress = ingress::Ingress::new(
                     queue_conn.clone(),
                     topology.clone(),
                     config.enqueue_timeout,
                     status,
-                )
+                );
+                match replication {
+                    Some(r) => ingress.with_replication(r),
+                    None => ingress,
+                }
             }),
             waiters,
             listener_id,
@@ -303,7 +330,7 @@ impl Application {
         ));
         if self.mode.listens() {
             tracker.spawn(outcome::run_subscriber(
-                queue::QueueTopology::of(&self.config).nodes,
+                queue::QueueTopology::of(&self.config),
                 outcome::channel(&self.config.ensure_stream, &self.api.listener_id),
                 Arc::clone(&self.api.waiters),
                 self.shutdown.clone(),
@@ -332,7 +359,11 @@ impl Application {
             if let Some(confirm) = &ctx.confirm {
                 // Its own connection: the reader blocks on XREAD.
                 tracker.spawn(confirm::run_reply_reader(
-                    connection::connect(&self.config.engine_redis_url, Duration::from_secs(3))?,
+                    connection::connect_via(
+                        &self.config.engine_redis_url,
+                        self.config.engine_redis_sentinel.as_ref(),
+                        Duration::from_secs(3),
+                    )?,
                     self.config.engine_reply_stream.clone(),
                     Arc::clone(&confirm.confirmations),
                     self.shutdown.clone(),

@@ -157,7 +157,11 @@ async fn users(command: UsersCommand) -> anyhow::Result<()> {
             )
             .await?;
             let conn =
-                connection::connect(&engine.engine_redis_url, std::time::Duration::from_secs(5))?;
+                connection::connect_via(
+                    &engine.engine_redis_url,
+                    engine.engine_redis_sentinel.as_ref(),
+                    std::time::Duration::from_secs(5),
+                )?;
             let publisher = crate::engine::EnginePublisher::new(
                 conn,
                 engine.engine_stream,

@@ -80,11 +80,24 @@ impl StoreSettings {
     }
 }
 
+/// A primary found through Redis Sentinel (`REDIS_SENTINELS`, `ENGINE_REDIS_SENTINELS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentinelSettings {
+    /// The sentinels, `host:port`, asked in order.
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the primary under.
+    pub master: String,
+    /// `REDIS_SENTINEL_PASSWORD`: what the sentinels themselves ask for, if anything.
+    pub password: Option<String>,
+}
+
 /// Where the Engine reads its commands: what `users resync-engine` publishes to.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
     /// `ENGINE_REDIS_URL`, else the (single) `REDIS_URL`.
     pub engine_redis_url: String,
+    /// The Engine's primary through Sentinel; its credentials come from `ENGINE_REDIS_URL`.
+    pub engine_redis_sentinel: Option<SentinelSettings>,
     pub engine_stream: String,
 }
 
@@ -118,6 +131,13 @@ pub struct Config {
     pub ensure_shards: usize,
     /// The Engine's Redis; may be down without the listener noticing.
     pub engine_redis_url: String,
+    pub engine_redis_sentinel: Option<SentinelSettings>,
+    /// The queue's primary through Sentinel; its credentials come from `REDIS_URL`.
+    pub redis_sentinel: Option<SentinelSettings>,
+    /// `QUEUE_MIN_REPLICAS`: replicas that must hold an entry (`WAIT`) before a 2xx.
+    pub queue_min_replicas: usize,
+    /// `QUEUE_REPLICA_TIMEOUT_MS`: how long that `WAIT` may take.
+    pub queue_replica_timeout: Duration,
     pub ensure_stream: String,
     pub ensure_group: String,
     pub engine_stream: String,
@@ -228,6 +248,13 @@ impl Config {
         let redis_nodes = s.redis_nodes()?;
         let redis_url = redis_nodes.first().cloned().unwrap_or_default();
         let redis_cluster = redis_nodes.len() > 1 || s.bool("REDIS_CLUSTER", false)?;
+        let redis_sentinel = s.sentinel("REDIS_SENTINELS", "REDIS_SENTINEL_MASTER")?;
+        if redis_sentinel.is_some() && redis_cluster {
+            return Err(ConfigError::new(
+                "REDIS_SENTINELS",
+                "a Redis Cluster fails over by itself: set REDIS_SENTINELS or a cluster REDIS_URL, not both",
+            ));
+        }
         let engine = s.engine()?;
         let worker_block = s.millis("WORKER_BLOCK_MS", 1000)?;
         if worker_block.is_zero() {
@@ -291,6 +318,10 @@ impl Config {
             redis_cluster,
             ensure_shards: s.positive("ENSURE_SHARDS", 1)?,
             engine_redis_url: engine.engine_redis_url,
+            engine_redis_sentinel: engine.engine_redis_sentinel,
+            redis_sentinel,
+            queue_min_replicas: s.parse("QUEUE_MIN_REPLICAS", 0, "a whole number of replicas")?,
+            queue_replica_timeout: s.millis("QUEUE_REPLICA_TIMEOUT_MS", 200)?,
             ensure_group: s.string("ENSURE_GROUP", "ensure-workers"),
             engine_stream: engine.engine_stream,
             engine_reply_stream: s.string("ENGINE_REPLY_STREAM", "stream:exnessReceive"),

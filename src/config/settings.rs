@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use super::{ConfigError, EngineSettings, JwtConfig, JwtSecret, KeyFile, StoreSettings};
+use super::{
+    ConfigError, EngineSettings, JwtConfig, JwtSecret, KeyFile, SentinelSettings, StoreSettings,
+};
 
 /// Reads settings from a lookup function.
 pub(super) struct Settings<'a> {
@@ -151,6 +153,49 @@ impl Settings<'_> {
         Ok(nodes)
     }
 
+    /// `<PREFIX>SENTINELS` (comma-separated `host:port`) with `<PREFIX>SENTINEL_MASTER`:
+    /// the primary is found through Sentinel. `None` when no sentinels are set.
+    pub(super) fn sentinel(
+        &self,
+        sentinels: &'static str,
+        master: &'static str,
+    ) -> Result<Option<SentinelSettings>, ConfigError> {
+        let Some(raw) = self.get(sentinels) else {
+            if self.get(master).is_some() {
+                return Err(ConfigError::new(sentinels, format!("must be set with {master}")));
+            }
+            return Ok(None);
+        };
+        let mut addresses = Vec::new();
+        for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let port = entry.rsplit_once(':').and_then(|(host, port)| {
+                (!host.is_empty()).then_some(())?;
+                port.parse::<u16>().ok().filter(|p| *p != 0)
+            });
+            if port.is_none() {
+                return Err(ConfigError::new(
+                    sentinels,
+                    format!("{entry:?} is not host:port"),
+                ));
+            }
+            addresses.push(entry.to_string());
+        }
+        if addresses.is_empty() {
+            return Err(ConfigError::new(sentinels, "names no sentinel"));
+        }
+        let Some(name) = self.get(master) else {
+            return Err(ConfigError::new(
+                master,
+                format!("must be set with {sentinels} (the name the sentinels monitor)"),
+            ));
+        };
+        Ok(Some(SentinelSettings {
+            sentinels: addresses,
+            master: name,
+            password: self.get("REDIS_SENTINEL_PASSWORD"),
+        }))
+    }
+
     /// The Engine's Redis and stream; `ENGINE_REDIS_URL` defaults to the queue's Redis.
     pub(super) fn engine(&self) -> Result<EngineSettings, ConfigError> {
         let nodes = self.redis_nodes()?;
@@ -164,6 +209,8 @@ impl Settings<'_> {
         let first = nodes.first().cloned().unwrap_or_default();
         Ok(EngineSettings {
             engine_redis_url: self.redis_url("ENGINE_REDIS_URL", &first)?,
+            engine_redis_sentinel: self
+                .sentinel("ENGINE_REDIS_SENTINELS", "ENGINE_REDIS_SENTINEL_MASTER")?,
             engine_stream: self.string("ENGINE_STREAM", "stream:exness"),
         })
     }

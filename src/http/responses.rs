@@ -3,6 +3,7 @@
 //! The strings here are the public contract: the platform's clients compare them. Bodies
 //! are serialised from small borrowed structs, with no intermediate JSON values.
 
+use crate::queue::ingress::QueueView;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{
@@ -193,12 +194,25 @@ struct NotReady<'a> {
     status: &'a str,
     failing: &'a [&'static str],
     error: String,
+    #[serde(flatten)]
+    queue: &'a QueueView,
+}
+
+#[derive(Serialize)]
+struct Ready<'a> {
+    status: &'a str,
+    #[serde(flatten)]
+    queue: &'a QueueView,
 }
 
 /// 200 when nothing fails, else 503 naming each failing dependency.
-pub fn readiness(failing: &[&'static str]) -> HttpResponse {
+pub fn readiness(failing: &[&'static str], queue: &QueueView) -> HttpResponse {
     if failing.is_empty() {
-        return json(StatusCode::OK, &Status { status: "ready" });
+        let ready = Ready {
+            status: "ready",
+            queue,
+        };
+        return json(StatusCode::OK, &ready);
     }
     json(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -206,6 +220,7 @@ pub fn readiness(failing: &[&'static str]) -> HttpResponse {
             status: "unavailable",
             failing,
             error: format!("Not ready: {} not answering.", failing.join(", ")),
+            queue,
         },
     )
 }

@@ -136,7 +136,12 @@ async fn dispatch(state: &ApiState, req: Request<Incoming>) -> Result<HttpRespon
         ("ensure", _) => Err(ApiError::MethodNotAllowed { allow: "POST" }),
         ("healthz", Method::GET | Method::HEAD) => Ok(responses::healthy()),
         ("readyz", Method::GET | Method::HEAD) => {
-            Ok(responses::readiness(&state.readiness.failing().await))
+            let queue = state
+                .ingress
+                .as_ref()
+                .map(Ingress::replication_view)
+                .unwrap_or_default();
+            Ok(responses::readiness(&state.readiness.failing().await, &queue))
         }
         ("request_status", Method::GET) => request_status(state, req).await,
         ("healthz" | "readyz" | "request_status", _) => {

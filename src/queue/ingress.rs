@@ -93,6 +93,65 @@ pub enum EnqueueError {
     Timeout(Duration),
     #[error("the queue's Redis refused the entry: {0}")]
     Redis(#[from] redis::RedisError),
+    /// `QUEUE_MIN_REPLICAS`: the primary has the entry, too few replicas confirmed it in
+    /// time. A failover now could lose it, so no 2xx; a worker may still carry it out.
+    #[error("entry {entry_id} confirmed by {confirmed} replica(s), {wanted} wanted")]
+    NotReplicated {
+        entry_id: String,
+        confirmed: i64,
+        wanted: usize,
+    },
+}
+
+/// What `/readyz` adds about a replicated queue; nothing at all for a plain one.
+#[derive(Debug, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueView {
+    /// The primary Sentinel named, when the queue is found through Sentinel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_primary: Option<String>,
+    /// With `QUEUE_MIN_REPLICAS`: how many replicas confirmed the last entry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas_confirming: Option<i64>,
+}
+
+/// `QUEUE_MIN_REPLICAS`: how an entry is confirmed on replicas before its 2xx.
+///
+/// `WAIT` blocks the connection it is sent on until the replicas confirm, so the XADDs
+/// that need it go over a pool of connections of their own: one slow confirmation holds up
+/// only the requests behind it on its connection.
+pub struct Replication {
+    pub min_replicas: usize,
+    pub timeout: Duration,
+    conns: Vec<RedisConn>,
+    next: std::sync::atomic::AtomicUsize,
+    /// WAIT's last answer; -1 before the first.
+    last_confirmed: std::sync::atomic::AtomicI64,
+}
+
+impl Replication {
+    pub fn new(min_replicas: usize, timeout: Duration, conns: Vec<RedisConn>) -> Self {
+        assert!(!conns.is_empty(), "a replication pool needs a connection");
+        Self {
+            min_replicas,
+            timeout,
+            conns,
+            next: Default::default(),
+            last_confirmed: std::sync::atomic::AtomicI64::new(-1),
+        }
+    }
+
+    fn conn(&self) -> RedisConn {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.conns[i % self.conns.len()].clone()
+    }
+
+    /// Adds the `WAIT` to a pipeline whose last write it must confirm.
+    pub fn add_wait(&self, pipe: &mut redis::Pipeline) {
+        pipe.cmd("WAIT")
+            .arg(self.min_replicas)
+            .arg(self.timeout.as_millis() as u64);
+    }
 }
 
 /// The listener's side of the ingress stream(s).
@@ -102,6 +161,7 @@ pub struct Ingress {
     topology: QueueTopology,
     timeout: Duration,
     status: StatusKeys,
+    replication: Option<std::sync::Arc<Replication>>,
 }
 
 impl Ingress {
@@ -116,7 +176,27 @@ impl Ingress {
             topology,
             timeout,
             status,
+            replication: None,
         }
+    }
+
+    /// What `/readyz` says of the queue: the primary Sentinel named, and how many replicas
+    /// confirmed the last entry (both `None` for a plain queue).
+    pub fn replication_view(&self) -> QueueView {
+        QueueView {
+            queue_primary: self.conn.primary_address(),
+            replicas_confirming: self
+                .replication
+                .as_ref()
+                .map(|r| r.last_confirmed.load(std::sync::atomic::Ordering::Relaxed))
+                .filter(|n| *n >= 0),
+        }
+    }
+
+    /// Confirms every entry on replicas before it counts as queued.
+    pub fn with_replication(mut self, replication: Replication) -> Self {
+        self.replication = Some(std::sync::Arc::new(replication));
+        self
     }
 
     /// Appends the request to its user's shard and returns the entry id once Redis has
@@ -143,10 +223,35 @@ impl Ingress {
             self.status
                 .add_record(&mut pipe, stream, &queued_record(request), false);
         }
-        match tokio::time::timeout(self.timeout, pipe.query_async::<(String,)>(&mut conn)).await {
-            Ok(result) => Ok(result?.0),
-            Err(_) => Err(EnqueueError::Timeout(self.timeout)),
+        let Some(replication) = &self.replication else {
+            return match tokio::time::timeout(self.timeout, pipe.query_async::<(String,)>(&mut conn))
+                .await
+            {
+                Ok(result) => Ok(result?.0),
+                Err(_) => Err(EnqueueError::Timeout(self.timeout)),
+            };
+        };
+        // Still one round trip: the WAIT rides in the XADD's pipeline.
+        replication.add_wait(&mut pipe);
+        let mut conn = replication.conn();
+        let limit = self.timeout + replication.timeout;
+        let (entry_id, confirmed) =
+            match tokio::time::timeout(limit, pipe.query_async::<(String, i64)>(&mut conn)).await {
+                Ok(result) => result?,
+                Err(_) => return Err(EnqueueError::Timeout(limit)),
+            };
+        metrics::gauge!(crate::telemetry::QUEUE_REPLICAS_CONFIRMING).set(confirmed as f64);
+        replication
+            .last_confirmed
+            .store(confirmed, std::sync::atomic::Ordering::Relaxed);
+        if confirmed < replication.min_replicas as i64 {
+            return Err(EnqueueError::NotReplicated {
+                entry_id,
+                confirmed,
+                wanted: replication.min_replicas,
+            });
         }
+        Ok(entry_id)
     }
 
     /// Writes the `queued` record of a request answered 202 after its wait, unless a worker

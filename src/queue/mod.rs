@@ -25,7 +25,12 @@ pub async fn connect_queue(
     topology: &QueueTopology,
     response_timeout: Duration,
 ) -> anyhow::Result<RedisConn> {
-    connection::connect_any(&topology.nodes, topology.cluster, response_timeout)
+    connection::connect_any(
+        &topology.nodes,
+        topology.cluster,
+        topology.sentinel.as_ref(),
+        response_timeout,
+    )
 }
 
 /// Where the queue lives: its Redis node(s), and the streams the ingress is split over.
@@ -37,6 +42,8 @@ pub async fn connect_queue(
 pub struct QueueTopology {
     pub nodes: Vec<String>,
     pub cluster: bool,
+    /// `REDIS_SENTINELS`: the primary is found (and followed) through Sentinel.
+    pub sentinel: Option<crate::config::SentinelSettings>,
     /// `ENSURE_STREAM`: the name every layout's streams derive from.
     pub ensure_stream: String,
     pub shards: Vec<String>,
@@ -54,6 +61,7 @@ impl QueueTopology {
         Self {
             nodes,
             cluster,
+            sentinel: None,
             ensure_stream: ensure_stream.to_string(),
             shards,
         }
@@ -61,12 +69,15 @@ impl QueueTopology {
 
     /// The topology the settings describe.
     pub fn of(config: &crate::config::Config) -> Self {
-        Self::new(
-            config.redis_nodes.clone(),
-            config.redis_cluster,
-            &config.ensure_stream,
-            config.ensure_shards,
-        )
+        Self {
+            sentinel: config.redis_sentinel.clone(),
+            ..Self::new(
+                config.redis_nodes.clone(),
+                config.redis_cluster,
+                &config.ensure_stream,
+                config.ensure_shards,
+            )
+        }
     }
 
     /// The shard stream of a user: a stable hash (FNV-1a) of the user id, so every listener

@@ -39,6 +39,8 @@ pub const QUEUE_PENDING: &str = "ensure_user_queue_pending";
 pub const QUEUE_LAG: &str = "ensure_user_queue_lag";
 pub const DEAD_LETTERS: &str = "ensure_user_dead_letters";
 pub const DEPENDENCY_UP: &str = "ensure_user_dependency_up";
+pub const QUEUE_REPLICAS_CONFIRMING: &str = "ensure_user_queue_replicas_confirming";
+pub const SENTINEL_PRIMARY: &str = "ensure_user_sentinel_primary";
 pub const BUILD_INFO: &str = "ensure_user_build_info";
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -146,6 +148,8 @@ fn describe() {
         DEAD_LETTERS,
         "Entries on the dead-letter stream(s), as last sampled."
     );
+    describe_gauge!(QUEUE_REPLICAS_CONFIRMING, "With QUEUE_MIN_REPLICAS: how many replicas confirmed the last entry (WAIT's answer).");
+    describe_gauge!(SENTINEL_PRIMARY, "1 for the primary this process uses, as Sentinel named it, by master name and address; 0 for one it used before.");
     describe_gauge!(DEPENDENCY_UP, "1 when a dependency answers, 0 when it does not, sampled every 5 s; by dependency (queue_redis, engine_redis, sqlite, postgres).");
     describe_gauge!(
         BUILD_INFO,

@@ -8,6 +8,8 @@ use futures_util::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 use super::{channel, Delivery, OutcomeMessage, Waiters};
+use crate::connection::SentinelConn;
+use crate::queue::QueueTopology;
 
 /// The workers' side: sends outcomes to whichever listener waits for them.
 #[derive(Clone)]
@@ -110,16 +112,23 @@ impl OutcomeBus {
 ///
 /// On a Redis Cluster a PUBLISH reaches every node, so any node will do: after a failure
 /// the next node of `REDIS_URL` is tried, and losing one node loses no outcome stream.
+/// Behind Sentinel each attempt subscribes on the primary the sentinels name now, since
+/// workers publish on the primary they write to.
 pub async fn run_subscriber(
-    nodes: Vec<String>,
+    topology: QueueTopology,
     channel: String,
     waiters: Arc<Waiters>,
     shutdown: CancellationToken,
 ) {
+    let nodes = topology.nodes;
     let clients: Vec<redis::Client> = nodes
         .iter()
         .filter_map(|url| redis::Client::open(url.as_str()).ok())
         .collect();
+    let sentinel = match &topology.sentinel {
+        Some(settings) => SentinelConn::new(settings, &nodes[0], Default::default()).ok(),
+        None => None,
+    };
     if clients.is_empty() {
         tracing::error!("no usable queue Redis URL; outcomes are not received (clients get 202)");
         return;
@@ -127,14 +136,24 @@ pub async fn run_subscriber(
     let mut delay = Duration::from_millis(100);
     let mut node = 0usize;
     while !shutdown.is_cancelled() {
-        match subscribe_once(&clients[node], &channel, &waiters, &shutdown).await {
+        let client = match &sentinel {
+            Some(s) => s.primary_client().await,
+            None => Ok(clients[node].clone()),
+        };
+        let subscribed = match client {
+            Ok(client) => subscribe_once(&client, &channel, &waiters, &shutdown).await,
+            Err(e) => Err(e),
+        };
+        match subscribed {
             Ok(()) => delay = Duration::from_millis(100),
             Err(e) => {
                 tracing::warn!(error = %e, node = %nodes[node], "outcome subscription lost; retrying");
                 node = (node + 1) % clients.len();
                 // Back off once every node has been tried.
                 if node == 0 {
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    // Behind Sentinel a new primary is a few seconds away: look again soon.
+                    let most = if sentinel.is_some() { 1 } else { 5 };
+                    delay = (delay * 2).min(Duration::from_secs(most));
                 }
             }
         }

@@ -59,6 +59,8 @@ pub struct WorkerContext {
     pub max_deliveries: u64,
     /// Entries idle this long may be re-claimed; a batch refreshes its claim well inside it.
     pub claim_idle: Duration,
+    /// `QUEUE_MIN_REPLICAS` and its timeout: finishing is confirmed on replicas too.
+    pub replicas: Option<(usize, Duration)>,
     pub shutdown: CancellationToken,
 }
 
@@ -231,6 +233,9 @@ impl WorkerContext {
                     .map_err(|e| StepError::Retryable(e.to_string()))
             })
             .await?;
+        if let Some((min, timeout)) = self.replicas {
+            self.confirm_on_replicas(min, timeout).await;
+        }
         // Not finished: another consumer owns them now, and will say how they ended.
         lease.mark_lost(
             endings
@@ -334,6 +339,26 @@ impl WorkerContext {
         Dead {
             letter: DeadLetter::new(d.entry, reason, history),
             request: Some(d.request),
+        }
+    }
+
+    /// Waits (at most `timeout`) until `min` replicas hold what this connection wrote, the
+    /// finish included: a failover after that cannot bring the finished entries back, so
+    /// none is carried out a second time. Short of it, the entries are finished on the
+    /// primary all the same; a failover may then replay them (idempotently), which the
+    /// warning says.
+    async fn confirm_on_replicas(&self, min: usize, timeout: Duration) {
+        let mut conn = self.queue.clone();
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(min).arg(timeout.as_millis() as u64);
+        let wait = cmd.query_async::<i64>(&mut conn);
+        match tokio::time::timeout(timeout + Duration::from_secs(1), wait).await {
+            Ok(Ok(confirmed)) if confirmed >= min as i64 => {}
+            other => tracing::warn!(
+                ?other,
+                min,
+                "finished entries not confirmed on replicas; a failover now may replay them"
+            ),
         }
     }
 

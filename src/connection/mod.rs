@@ -1,5 +1,6 @@
 //! Redis connections, for the queue and the Engine alike: building them (reconnecting,
-//! lazy, plain or cluster), pinging, and reading stream replies into [`RawEntry`]s.
+//! lazy, plain, cluster, or a primary found through [`sentinel`]), pinging, and reading
+//! stream replies into [`RawEntry`]s.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +9,12 @@ use anyhow::Context as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
 
+use crate::config::SentinelSettings;
+
+pub mod sentinel;
+
+pub use sentinel::SentinelConn;
+
 /// Opens a reconnecting, multiplexed connection to one Redis without waiting for it.
 ///
 /// The connection is lazy so that the process starts (and answers 503, and reports itself
@@ -15,14 +22,35 @@ use redis::Value;
 /// and a command that times out before its connection exists is never sent later.
 pub fn connect(url: &str, response_timeout: Duration) -> anyhow::Result<RedisConn> {
     let client = redis::Client::open(url).with_context(|| format!("bad Redis URL {url}"))?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(500)))
-        .set_response_timeout(Some(response_timeout))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_millis(200));
+    let config = manager_config(response_timeout);
     let manager = ConnectionManager::new_lazy_with_config(client, config)
         .with_context(|| format!("cannot set up a connection to {url}"))?;
     Ok(RedisConn::Single(manager))
+}
+
+fn manager_config(response_timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(500)))
+        .set_response_timeout(Some(response_timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(200))
+}
+
+/// Connects to `url`, or, with `sentinel`, to the primary the sentinels name (with `url`'s
+/// credentials and database), following it across failovers. Never waits for a server.
+pub fn connect_via(
+    url: &str,
+    sentinel: Option<&SentinelSettings>,
+    response_timeout: Duration,
+) -> anyhow::Result<RedisConn> {
+    match sentinel {
+        None => connect(url, response_timeout),
+        Some(settings) => {
+            let conn = SentinelConn::new(settings, url, manager_config(response_timeout))
+                .with_context(|| format!("bad Sentinel settings for {:?}", settings.master))?;
+            Ok(RedisConn::Sentinel(Arc::new(conn)))
+        }
+    }
 }
 
 /// Connects to one Redis, or to a Redis Cluster through its node list.
@@ -33,10 +61,11 @@ pub fn connect(url: &str, response_timeout: Duration) -> anyhow::Result<RedisCon
 pub fn connect_any(
     nodes: &[String],
     cluster: bool,
+    sentinel: Option<&SentinelSettings>,
     response_timeout: Duration,
 ) -> anyhow::Result<RedisConn> {
     if !cluster {
-        return connect(&nodes[0], response_timeout);
+        return connect_via(&nodes[0], sentinel, response_timeout);
     }
     let client = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
         .connection_timeout(Duration::from_millis(500))
@@ -66,11 +95,23 @@ impl LazyCluster {
     }
 }
 
-/// A connection to one Redis (reconnecting) or to a Redis Cluster (routing by slot).
+/// A connection to one Redis (reconnecting), to a Redis Cluster (routing by slot), or to
+/// the primary Sentinel names (following failovers).
 #[derive(Clone)]
 pub enum RedisConn {
     Single(ConnectionManager),
     Cluster(Arc<LazyCluster>),
+    Sentinel(Arc<SentinelConn>),
+}
+
+impl RedisConn {
+    /// The primary in use, when Sentinel chose it.
+    pub fn primary_address(&self) -> Option<String> {
+        match self {
+            RedisConn::Sentinel(s) => s.primary_address(),
+            _ => None,
+        }
+    }
 }
 
 impl redis::aio::ConnectionLike for RedisConn {
@@ -80,6 +121,14 @@ impl redis::aio::ConnectionLike for RedisConn {
             RedisConn::Cluster(lazy) => Box::pin(async move {
                 let mut conn = lazy.get().await?;
                 conn.req_packed_command(cmd).await
+            }),
+            RedisConn::Sentinel(sentinel) => Box::pin(async move {
+                let mut conn = sentinel.get().await?;
+                let answer = conn.req_packed_command(cmd).await;
+                if let Err(e) = &answer {
+                    sentinel.note(e);
+                }
+                answer
             }),
         }
     }
@@ -96,13 +145,21 @@ impl redis::aio::ConnectionLike for RedisConn {
                 let mut conn = lazy.get().await?;
                 conn.req_packed_commands(cmd, offset, count).await
             }),
+            RedisConn::Sentinel(sentinel) => Box::pin(async move {
+                let mut conn = sentinel.get().await?;
+                let answer = conn.req_packed_commands(cmd, offset, count).await;
+                if let Err(e) = &answer {
+                    sentinel.note(e);
+                }
+                answer
+            }),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             RedisConn::Single(c) => c.get_db(),
-            RedisConn::Cluster(_) => 0,
+            RedisConn::Cluster(_) | RedisConn::Sentinel(_) => 0,
         }
     }
 }
