@@ -9,6 +9,7 @@
 //! restart, and a command that runs into one fails like any other Redis failure: the
 //! listener answers 503, a worker retries.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -19,6 +20,12 @@ use crate::config::SentinelSettings;
 
 /// How long one sentinel may take to answer before the next is asked.
 const ASK_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Primaries lost by any connection of this process. A connection that finds the count
+/// moved since it last checked asks the sentinels before its next command, so one
+/// connection's discovery of a failover spares the others their own failed command (the
+/// listener's pool of confirmed XADDs would otherwise answer one 503 per connection).
+static LOSSES: AtomicU64 = AtomicU64::new(0);
 
 /// The connection to whichever server the sentinels name primary.
 pub struct SentinelConn {
@@ -36,6 +43,8 @@ pub struct SentinelConn {
 struct Primary {
     address: String,
     conn: ConnectionManager,
+    /// [`LOSSES`] when this primary was last confirmed.
+    checked: u64,
 }
 
 impl SentinelConn {
@@ -78,15 +87,23 @@ impl SentinelConn {
 
     /// The connection to the primary, asking the sentinels when there is none.
     pub(super) async fn get(&self) -> RedisResult<ConnectionManager> {
-        if let Some(p) = self.lock().as_ref() {
-            return Ok(p.conn.clone());
+        if let Some(conn) = self.checked_primary() {
+            return Ok(conn);
         }
         let _one_at_a_time = self.resolving.lock().await;
-        if let Some(p) = self.lock().as_ref() {
-            return Ok(p.conn.clone());
+        if let Some(conn) = self.checked_primary() {
+            return Ok(conn);
         }
+        let losses = LOSSES.load(Ordering::Relaxed);
         let (host, port) = self.ask_sentinels().await?;
         let address = format!("{host}:{port}");
+        // Another connection lost a primary: keep this one if it is still the one named.
+        if let Some(p) = self.lock().as_mut() {
+            if p.address == address {
+                p.checked = losses;
+                return Ok(p.conn.clone());
+            }
+        }
         let info = self.base.clone().set_addr(ConnectionAddr::Tcp(host, port));
         let client = redis::Client::open(info)?;
         let mut conn = ConnectionManager::new_with_config(client, self.config.clone()).await?;
@@ -104,8 +121,16 @@ impl SentinelConn {
         *self.lock() = Some(Primary {
             address,
             conn: conn.clone(),
+            checked: losses,
         });
         Ok(conn)
+    }
+
+    /// The connection, unless there is none or a loss elsewhere calls for a check.
+    fn checked_primary(&self) -> Option<ConnectionManager> {
+        let current = self.lock();
+        let p = current.as_ref()?;
+        (p.checked == LOSSES.load(Ordering::Relaxed)).then(|| p.conn.clone())
     }
 
     /// Forgets the primary when `error` says it is gone or no longer primary.
@@ -117,6 +142,7 @@ impl SentinelConn {
             || matches!(error.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"));
         if lost {
             if let Some(p) = self.lock().take() {
+                LOSSES.fetch_add(1, Ordering::Relaxed);
                 metrics::gauge!(crate::telemetry::SENTINEL_PRIMARY, "master" => self.master.clone(), "address" => p.address.clone())
                     .set(0.0);
                 tracing::warn!(primary = %p.address, error = %error, "queue primary lost; asking the sentinels again");

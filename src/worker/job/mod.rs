@@ -234,7 +234,7 @@ impl WorkerContext {
             })
             .await?;
         if let Some((min, timeout)) = self.replicas {
-            self.confirm_on_replicas(min, timeout).await;
+            self.confirm_on_replicas(&lease.stream, min, timeout).await;
         }
         // Not finished: another consumer owns them now, and will say how they ended.
         lease.mark_lost(
@@ -347,13 +347,16 @@ impl WorkerContext {
     /// none is carried out a second time. Short of it, the entries are finished on the
     /// primary all the same; a failover may then replay them (idempotently), which the
     /// warning says.
-    async fn confirm_on_replicas(&self, min: usize, timeout: Duration) {
+    async fn confirm_on_replicas(&self, stream: &str, min: usize, timeout: Duration) {
+        // A read of the stream's key first: on a Redis Cluster it routes the pipeline to the
+        // stream's node, whose connection carried the finish (WAIT is per connection).
+        let mut pipe = redis::pipe();
+        pipe.cmd("EXISTS").arg(stream).ignore();
+        pipe.cmd("WAIT").arg(min).arg(timeout.as_millis() as u64);
         let mut conn = self.queue.clone();
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(min).arg(timeout.as_millis() as u64);
-        let wait = cmd.query_async::<i64>(&mut conn);
+        let wait = pipe.query_async::<(i64,)>(&mut conn);
         match tokio::time::timeout(timeout + Duration::from_secs(1), wait).await {
-            Ok(Ok(confirmed)) if confirmed >= min as i64 => {}
+            Ok(Ok((confirmed,))) if confirmed >= min as i64 => {}
             other => tracing::warn!(
                 ?other,
                 min,
