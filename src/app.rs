@@ -127,8 +127,7 @@ impl Application {
                 StoreOptions::of_service(&config),
             )
             .await?;
-            let engine_conn =
-                connection::connect_via(
+            let engine_conn = connection::connect_via(
                 &config.engine_redis_url,
                 config.engine_redis_sentinel.as_ref(),
                 Duration::from_secs(2),

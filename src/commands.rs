@@ -156,12 +156,11 @@ async fn users(command: UsersCommand) -> anyhow::Result<()> {
                 StoreOptions::of_command(&settings),
             )
             .await?;
-            let conn =
-                connection::connect_via(
-                    &engine.engine_redis_url,
-                    engine.engine_redis_sentinel.as_ref(),
-                    std::time::Duration::from_secs(5),
-                )?;
+            let conn = connection::connect_via(
+                &engine.engine_redis_url,
+                engine.engine_redis_sentinel.as_ref(),
+                std::time::Duration::from_secs(5),
+            )?;
             let publisher = crate::engine::EnginePublisher::new(
                 conn,
                 engine.engine_stream,

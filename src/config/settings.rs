@@ -162,7 +162,10 @@ impl Settings<'_> {
     ) -> Result<Option<SentinelSettings>, ConfigError> {
         let Some(raw) = self.get(sentinels) else {
             if self.get(master).is_some() {
-                return Err(ConfigError::new(sentinels, format!("must be set with {master}")));
+                return Err(ConfigError::new(
+                    sentinels,
+                    format!("must be set with {master}"),
+                ));
             }
             return Ok(None);
         };

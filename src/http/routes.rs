@@ -141,7 +141,10 @@ async fn dispatch(state: &ApiState, req: Request<Incoming>) -> Result<HttpRespon
                 .as_ref()
                 .map(Ingress::replication_view)
                 .unwrap_or_default();
-            Ok(responses::readiness(&state.readiness.failing().await, &queue))
+            Ok(responses::readiness(
+                &state.readiness.failing().await,
+                &queue,
+            ))
         }
         ("request_status", Method::GET) => request_status(state, req).await,
         ("healthz" | "readyz" | "request_status", _) => {

@@ -224,8 +224,11 @@ impl Ingress {
                 .add_record(&mut pipe, stream, &queued_record(request), false);
         }
         let Some(replication) = &self.replication else {
-            return match tokio::time::timeout(self.timeout, pipe.query_async::<(String,)>(&mut conn))
-                .await
+            return match tokio::time::timeout(
+                self.timeout,
+                pipe.query_async::<(String,)>(&mut conn),
+            )
+            .await
             {
                 Ok(result) => Ok(result?.0),
                 Err(_) => Err(EnqueueError::Timeout(self.timeout)),

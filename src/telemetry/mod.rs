@@ -148,7 +148,10 @@ fn describe() {
         DEAD_LETTERS,
         "Entries on the dead-letter stream(s), as last sampled."
     );
-    describe_gauge!(QUEUE_REPLICAS_CONFIRMING, "With QUEUE_MIN_REPLICAS: how many replicas confirmed the last entry (WAIT's answer).");
+    describe_gauge!(
+        QUEUE_REPLICAS_CONFIRMING,
+        "With QUEUE_MIN_REPLICAS: how many replicas confirmed the last entry (WAIT's answer)."
+    );
     describe_gauge!(SENTINEL_PRIMARY, "1 for the primary this process uses, as Sentinel named it, by master name and address; 0 for one it used before.");
     describe_gauge!(DEPENDENCY_UP, "1 when a dependency answers, 0 when it does not, sampled every 5 s; by dependency (queue_redis, engine_redis, sqlite, postgres).");
     describe_gauge!(
