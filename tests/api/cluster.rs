@@ -8,10 +8,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
 
-/// Three `redis-server --cluster-enabled yes` processes joined by `redis-cli --cluster create`.
-struct RedisCluster {
-    ports: Vec<u16>,
+/// `redis-server --cluster-enabled yes` processes joined by `redis-cli --cluster create`:
+/// three masters, each with `replicas` replicas.
+pub(crate) struct RedisCluster {
+    pub(crate) ports: Vec<u16>,
     children: Vec<Child>,
+    /// Indexes of the nodes killed.
+    killed: Vec<usize>,
     _dir: tempfile::TempDir,
 }
 
@@ -31,10 +34,10 @@ fn rand_u16() -> u16 {
     u16::from_le_bytes([id.as_bytes()[0], id.as_bytes()[1]])
 }
 
-/// Three distinct free cluster ports.
-fn cluster_ports() -> Vec<u16> {
+/// `n` distinct free cluster ports.
+fn cluster_ports(n: usize) -> Vec<u16> {
     let mut ports = Vec::new();
-    while ports.len() < 3 {
+    while ports.len() < n {
         let p = cluster_port();
         if !ports.contains(&p) {
             ports.push(p);
@@ -53,11 +56,29 @@ fn cluster_urls(ports: &[u16]) -> String {
 
 impl RedisCluster {
     async fn start() -> Self {
-        Self::start_on(cluster_ports()).await
+        Self::start_on(cluster_ports(3)).await
     }
 
     async fn start_on(ports: Vec<u16>) -> Self {
+        Self::start_with(ports, 0, &[]).await
+    }
+
+    /// Three masters and three replicas (one each), with AOF, failing over within seconds
+    /// of a master's death; returns once every replica is in sync with its master.
+    pub(crate) async fn start_replicated() -> Self {
+        let quick = ["--cluster-node-timeout", "1000", "--appendonly", "yes"];
+        Self::start_with(cluster_ports(6), 1, &quick).await
+    }
+
+    /// `ports.len() / (1 + replicas)` masters with `replicas` each, and `extra`
+    /// `redis-server` arguments.
+    async fn start_with(ports: Vec<u16>, replicas: usize, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let node_dir = |port: u16| {
+            let path = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&path).unwrap();
+            path
+        };
         let children = ports
             .iter()
             .map(|port| {
@@ -74,8 +95,10 @@ impl RedisCluster {
                     .args(["--cluster-require-full-coverage", "no"])
                     .args(["--cluster-enabled", "yes", "--cluster-config-file"])
                     .arg(dir.path().join(format!("nodes-{port}.conf")))
+                    // A folder per node: each its own AOF.
                     .arg("--dir")
-                    .arg(dir.path())
+                    .arg(node_dir(*port))
+                    .args(extra)
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()
@@ -85,6 +108,7 @@ impl RedisCluster {
         let cluster = Self {
             ports,
             children,
+            killed: Vec::new(),
             _dir: dir,
         };
         for port in &cluster.ports {
@@ -99,7 +123,7 @@ impl RedisCluster {
         let status = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&nodes)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -118,24 +142,92 @@ impl RedisCluster {
             })
             .await;
         }
+        if replicas > 0 {
+            eventually("every replica in sync with its master", || async {
+                let mut online = 0;
+                for port in &cluster.ports {
+                    online += cluster
+                        .info(*port, "replication")
+                        .await?
+                        .matches("state=online")
+                        .count();
+                }
+                (online == cluster.ports.len() / (1 + replicas) * replicas).then_some(())
+            })
+            .await;
+        }
         cluster
     }
 
-    fn urls(&self) -> String {
+    pub(crate) fn urls(&self) -> String {
         cluster_urls(&self.ports)
     }
 }
 
 impl RedisCluster {
     /// SIGKILLs node `i`.
-    fn kill_node(&mut self, i: usize) {
+    pub(crate) fn kill_node(&mut self, i: usize) {
         let _ = self.children[i].kill();
         let _ = self.children[i].wait();
+        self.killed.push(i);
+    }
+
+    /// The ports of the nodes not killed.
+    pub(crate) fn live_ports(&self) -> Vec<u16> {
+        (0..self.ports.len())
+            .filter(|i| !self.killed.contains(i))
+            .map(|i| self.ports[i])
+            .collect()
+    }
+
+    /// `INFO <section>` of the node on `port`, while it answers.
+    pub(crate) async fn info(&self, port: u16, section: &str) -> Option<String> {
+        let mut conn = redis_conn(&format!("redis://127.0.0.1:{port}")).await?;
+        let cmd = redis::cmd("INFO").arg(section).clone();
+        cmd.query_async(&mut conn).await.ok()
+    }
+
+    /// The index of the master serving `key`, when every live node says the same and the
+    /// cluster is ok on each of them.
+    pub(crate) async fn master_of(&self, key: &str) -> Option<usize> {
+        let mut agreed = None;
+        for port in self.live_ports() {
+            let mut conn = redis_conn(&format!("redis://127.0.0.1:{port}")).await?;
+            let ask = |sub: &str| redis::cmd("CLUSTER").arg(sub).clone();
+            let info: String = ask("INFO").query_async(&mut conn).await.ok()?;
+            let slot: u16 = ask("KEYSLOT").arg(key).query_async(&mut conn).await.ok()?;
+            let nodes: String = ask("NODES").query_async(&mut conn).await.ok()?;
+            let master = nodes
+                .lines()
+                .find_map(|line| master_port_serving(line, slot))?;
+            let seen = self.ports.iter().position(|p| *p == master)?;
+            if !info.contains("cluster_state:ok") || agreed.is_some_and(|a| a != seen) {
+                return None;
+            }
+            agreed = Some(seen);
+        }
+        agreed
     }
 }
 
+/// The port of the node of a `CLUSTER NODES` line, when it is a master not failing and
+/// serves `slot`.
+fn master_port_serving(line: &str, slot: u16) -> Option<u16> {
+    let fields: Vec<&str> = line.split(' ').collect();
+    let flags = fields.get(2)?.split(',').collect::<Vec<_>>();
+    if !flags.contains(&"master") || flags.iter().any(|f| f.starts_with("fail")) {
+        return None;
+    }
+    let serves = fields.iter().skip(8).any(|range| {
+        let (from, to) = range.split_once('-').unwrap_or((range, range));
+        matches!((from.parse::<u16>(), to.parse::<u16>()), (Ok(a), Ok(b)) if (a..=b).contains(&slot))
+    });
+    let address = fields.get(1)?.split('@').next()?;
+    serves.then(|| address.rsplit(':').next()?.parse().ok())?
+}
+
 /// Settings of an app whose queue is the cluster at `urls`, split over three shards.
-fn cluster_vars(
+pub(crate) fn cluster_vars(
     urls: &str,
     engine: &RedisServer,
     dir: &tempfile::TempDir,
@@ -245,7 +337,7 @@ async fn the_queue_runs_on_a_redis_cluster_split_over_three_shards() {
 
 #[tokio::test]
 async fn a_cluster_that_is_down_at_start_gets_503_until_it_comes_up() {
-    let ports = cluster_ports();
+    let ports = cluster_ports(3);
     let engine = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let vars = cluster_vars(&cluster_urls(&ports), &engine, &dir);
