@@ -5,6 +5,7 @@ mod auth;
 mod browser;
 mod claims;
 mod cluster;
+mod cluster_replicas;
 mod connections;
 mod console;
 mod console_browser;
