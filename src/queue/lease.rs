@@ -78,6 +78,9 @@ pub struct Lease {
     pub consumer: String,
     ids: Vec<String>,
     lost: Mutex<HashSet<String>>,
+    /// Entries handed to [`finish`]: acknowledged (or found taken) by its script, so a
+    /// refresh that no longer finds them pending says nothing about another consumer.
+    finishing: Mutex<HashSet<String>>,
 }
 
 impl Lease {
@@ -88,6 +91,7 @@ impl Lease {
             consumer: consumer.to_string(),
             ids,
             lost: Mutex::default(),
+            finishing: Mutex::default(),
         }
     }
 
@@ -110,8 +114,14 @@ impl Lease {
             .invoke_async(&mut conn)
             .await?;
         let owned: HashSet<&str> = owned.iter().map(String::as_str).collect();
+        let finishing = self.finishing.lock().unwrap_or_else(|e| e.into_inner());
         let mut lost = self.lock();
         for id in held {
+            // Not pending because finished here (the finish confirming on replicas, say):
+            // not lost. Whether a finishing entry was taken, the finish itself tells.
+            if finishing.contains(id) {
+                continue;
+            }
             if !owned.contains(id.as_str()) && lost.insert(id.clone()) {
                 metrics::counter!(crate::telemetry::LEASE_LOST).increment(1);
                 tracing::warn!(entry_id = %id, stream = %self.stream, consumer = %self.consumer, "entry re-claimed by another consumer; leaving it to them");
@@ -123,6 +133,13 @@ impl Lease {
     /// Whether another consumer took `id` over.
     pub fn is_lost(&self, id: &str) -> bool {
         self.lock().contains(id)
+    }
+
+    /// Notes that these entries are being finished: from now on only the finish says
+    /// whether another consumer took them.
+    pub fn mark_finishing<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut finishing = self.finishing.lock().unwrap_or_else(|e| e.into_inner());
+        finishing.extend(ids.into_iter().map(str::to_string));
     }
 
     /// Marks entries as no longer this consumer's (e.g. a finish found them taken).

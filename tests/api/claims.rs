@@ -173,6 +173,42 @@ async fn a_finisher_that_lost_its_entry_writes_no_status_outcome_or_dead_letter(
     app.shutdown().await.unwrap();
 }
 
+/// An entry this consumer finished is no longer pending: a refresh of its lease that
+/// comes meanwhile (say, while the finish waits on replicas) must not take it for lost.
+#[tokio::test]
+async fn a_refresh_during_the_finish_does_not_take_the_finished_entry_for_lost() {
+    let queue = RedisServer::start().await;
+    let stream = "stream:ensure-user";
+    queue.create_group(stream).await;
+    let id = queue.add_request(stream, "r-finished", "finished").await;
+    queue.read_as(stream, "a").await;
+    let conn = ensure_user::connection::connect(&queue.url(), Duration::from_secs(2)).unwrap();
+    let lease = Lease::new(stream, "ensure-workers", "a", vec![id.clone()]);
+
+    lease.mark_finishing([id.as_str()]);
+    // As the finish script does: acknowledged and deleted.
+    let mut raw = queue.conn().await;
+    let _: () = redis::pipe()
+        .cmd("XACK")
+        .arg(stream)
+        .arg("ensure-workers")
+        .arg(&id)
+        .ignore()
+        .cmd("XDEL")
+        .arg(stream)
+        .arg(&id)
+        .ignore()
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    lease.refresh(&conn).await.unwrap();
+
+    assert!(
+        !lease.is_lost(&id),
+        "finished here, not re-claimed elsewhere"
+    );
+}
+
 #[tokio::test]
 async fn a_request_that_joined_an_entry_whose_xadd_failed_gets_503_not_202() {
     let mut app = spawn_app_with(|v| set(v, "ENSURE_WAIT_MS", "4000")).await;

@@ -225,6 +225,7 @@ impl WorkerContext {
             });
         }
         let endings = &endings;
+        lease.mark_finishing(endings.iter().map(|e| e.entry_id));
         let finished: HashSet<String> = self
             .retry
             .run("ack", &self.shutdown, || async move {
