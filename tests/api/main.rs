@@ -19,5 +19,6 @@ mod helpers;
 mod hostile;
 mod http;
 mod processes;
+mod replicated;
 mod store;
 mod users;
