@@ -14,6 +14,7 @@ mod dead_letters;
 mod durability;
 mod engines;
 mod ensure;
+mod failover;
 mod faults;
 mod helpers;
 mod hostile;

@@ -110,6 +110,30 @@ impl ReplicatedRedis {
         redis
     }
 
+    /// The `REDIS_SENTINELS` value: `127.0.0.1:<port>,…`.
+    pub fn sentinels_setting(&self) -> String {
+        self.live_sentinels()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Points `vars` at the Sentinels. `REDIS_URL` names a port where nothing listens, so
+    /// a process that used its host instead of asking the Sentinels reaches nothing.
+    pub fn vars(&self, vars: &mut Vec<(String, String)>) {
+        set(vars, "REDIS_SENTINELS", &self.sentinels_setting());
+        set(vars, "REDIS_SENTINEL_MASTER", &self.name);
+        set(vars, "REDIS_URL", "redis://127.0.0.1:1");
+    }
+
+    /// The same for the Engine's Redis: `ENGINE_REDIS_SENTINELS`,
+    /// `ENGINE_REDIS_SENTINEL_MASTER`, and `ENGINE_REDIS_URL` where nothing listens.
+    pub fn engine_vars(&self, vars: &mut Vec<(String, String)>) {
+        set(vars, "ENGINE_REDIS_SENTINELS", &self.sentinels_setting());
+        set(vars, "ENGINE_REDIS_SENTINEL_MASTER", &self.name);
+        set(vars, "ENGINE_REDIS_URL", "redis://127.0.0.1:1");
+    }
+
     /// The primary's port as the first answering Sentinel names it.
     pub async fn primary_port(&self) -> u16 {
         for port in self.live_sentinels() {
@@ -146,6 +170,19 @@ impl ReplicatedRedis {
             .await
             .unwrap();
         assert_eq!(confirmed, 2, "both replicas confirm");
+    }
+
+    /// Every entry of `stream` on the current primary, oldest first.
+    pub async fn entries(&self, stream: &str) -> Vec<ensure_user::connection::RawEntry> {
+        let mut conn = self.primary_conn().await;
+        let value: redis::Value = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        ensure_user::connection::parse_entries(&value)
     }
 
     /// SIGKILLs the current primary (it is not restarted); returns its port.
@@ -214,6 +251,21 @@ impl ReplicatedRedis {
             (connected_replicas(port).await? == 0).then_some(())
         })
         .await;
+    }
+
+    /// The last lines of every Sentinel's log, for a failure message.
+    pub fn sentinel_logs(&self) -> String {
+        self.sentinels
+            .iter()
+            .map(|s| {
+                let log = std::fs::read_to_string(log_path(self.dir.path(), s.port));
+                let log = log.unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("sentinel {}:\n{}", s.port, tail.join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     fn live_sentinels(&self) -> impl Iterator<Item = u16> + '_ {
