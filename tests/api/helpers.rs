@@ -717,6 +717,11 @@ impl Process {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The process's log (stderr) so far, for a failure message.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
 }
 
 /// Runs a one-shot command of the binary (e.g. `dead-letters list`), asserts it succeeded,
