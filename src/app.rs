@@ -95,7 +95,14 @@ impl Application {
         let listener_id = uuid::Uuid::new_v4().simple().to_string();
         let waiters = Arc::new(outcome::Waiters::default());
         let topology = queue::QueueTopology::of(&config);
-        let queue_conn = queue::connect_queue(&topology, config.enqueue_timeout).await?;
+        // Workers WAIT on this connection after finishing entries (QUEUE_MIN_REPLICAS).
+        let replica_wait = if config.queue_min_replicas > 0 {
+            config.queue_replica_timeout
+        } else {
+            Duration::ZERO
+        };
+        let queue_conn =
+            queue::connect_queue(&topology, config.enqueue_timeout + replica_wait).await?;
 
         // The group is created here when missing, so entries queued before any worker
         // starts are kept for it; workers create it too when the Redis was down now.
@@ -186,7 +193,9 @@ impl Application {
         let replication = if config.queue_min_replicas > 0 && mode.listens() {
             let mut conns = Vec::new();
             for _ in 0..REPLICATION_CONNECTIONS {
-                conns.push(queue::connect_queue(&topology, config.enqueue_timeout).await?);
+                // The answer comes after the WAIT: give it that long on top.
+                let answer_within = config.enqueue_timeout + config.queue_replica_timeout;
+                conns.push(queue::connect_queue(&topology, answer_within).await?);
             }
             Some(ingress::Replication::new(
                 config.queue_min_replicas,
