@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ensure_user::queue::QueueTopology;
-use serde_json::Value;
 
 use crate::cluster::{cluster_vars, RedisCluster};
 use crate::helpers::*;
@@ -48,11 +47,7 @@ async fn load(address: SocketAddr, start: Instant) -> Vec<Answer> {
             while start.elapsed() < LOAD {
                 let user = format!("rep-{lane}-{}", answers.len());
                 let sent = start.elapsed();
-                let response = client
-                    .post(format!("http://{address}{ENSURE_PATH}"))
-                    .bearer_auth(token(&user, &format!("{user}@example.com")))
-                    .send()
-                    .await;
+                let response = post_ensure(&client, address, &user).await;
                 let status = response.ok().map(|r| r.status().as_u16());
                 let answered = start.elapsed();
                 answers.push(Answer {
@@ -123,13 +118,7 @@ async fn delivery(
     let deadline = Instant::now() + DRAIN_WITHIN;
     loop {
         let stored: BTreeSet<String> = rows(db).into_iter().map(|(id, _)| id).collect();
-        let published: Vec<String> = engine
-            .entries("stream:exness")
-            .await
-            .iter()
-            .filter_map(|e| serde_json::from_str::<Value>(&engine_message(e)).ok())
-            .filter_map(|v| v["userId"].as_str().map(str::to_string))
-            .collect();
+        let published: Vec<String> = published_users(engine).await.into_iter().collect();
         let distinct: BTreeSet<&String> = published.iter().collect();
         let lost = accepted
             .iter()

@@ -3,8 +3,6 @@
 
 use std::collections::BTreeSet;
 
-use serde_json::Value;
-
 use crate::helpers::*;
 
 /// Sends `n` ensures of distinct users (`<prefix>-<i>`) concurrently; returns each user
@@ -19,11 +17,7 @@ async fn send_each(
         let client = client.clone();
         let user = format!("{prefix}-{i}");
         async move {
-            let r = client
-                .post(format!("http://{address}{ENSURE_PATH}"))
-                .bearer_auth(token(&user, &format!("{user}@example.com")))
-                .send()
-                .await;
+            let r = post_ensure(&client, address, &user).await;
             let status = r.ok().map(|r| r.status().as_u16());
             (user, status)
         }
@@ -47,13 +41,7 @@ async fn all_delivered(db: &std::path::Path, engine: &RedisServer, users: &BTree
         &format!("{} users stored and published", users.len()),
         || async {
             let stored: BTreeSet<String> = rows(db).into_iter().map(|(id, _)| id).collect();
-            let published: BTreeSet<String> = engine
-                .entries("stream:exness")
-                .await
-                .iter()
-                .filter_map(|e| serde_json::from_str::<Value>(&engine_message(e)).ok())
-                .filter_map(|v| v["userId"].as_str().map(str::to_string))
-                .collect();
+            let published: BTreeSet<String> = published_users(engine).await.into_iter().collect();
             let done = users.is_subset(&stored) && users.is_subset(&published);
             if done {
                 // The figures the fault tests are judged by, for the record.
@@ -350,13 +338,7 @@ async fn three_workers_on_postgres_lose_nothing_when_one_is_killed() {
     let stored: BTreeSet<String> = db.rows().await.into_iter().map(|(id, _)| id).collect();
     assert_eq!(stored, accepted, "each accepted user stored exactly once");
     eventually("every user published", || async {
-        let published: BTreeSet<String> = engine
-            .entries("stream:exness")
-            .await
-            .iter()
-            .filter_map(|e| serde_json::from_str::<Value>(&engine_message(e)).ok())
-            .filter_map(|v| v["userId"].as_str().map(str::to_string))
-            .collect();
+        let published: BTreeSet<String> = published_users(&engine).await.into_iter().collect();
         accepted.is_subset(&published).then_some(())
     })
     .await;

@@ -321,11 +321,7 @@ async fn ensure(
     start: Instant,
 ) -> Answer {
     let sent = start.elapsed();
-    let response = client
-        .post(format!("http://{address}{ENSURE_PATH}"))
-        .bearer_auth(token(&user, &format!("{user}@example.com")))
-        .send()
-        .await;
+    let response = post_ensure(client, address, &user).await;
     let (status, request_id) = match response {
         Ok(response) => {
             let status = response.status().as_u16();

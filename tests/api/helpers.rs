@@ -22,17 +22,26 @@ pub const ENSURE_PATH: &str = "/api/v1/auth/ensure-user";
 pub const DEADLINE: Duration = Duration::from_secs(15);
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `DEADLINE`.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + DEADLINE;
+    within(DEADLINE, what, check).await
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `deadline`.
+pub async fn within<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = Instant::now() + deadline;
     loop {
         if let Some(value) = check().await {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(Instant::now() < until, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(25)).await; // poll interval, bounded by the deadline above
     }
 }
@@ -631,6 +640,30 @@ pub fn engine_message(entry: &RawEntry) -> String {
     );
     assert_eq!(fields[0].0, b"message");
     String::from_utf8(fields[0].1.clone()).unwrap()
+}
+
+/// The user ids of every `createUser` on the Engine stream, in stream order.
+pub async fn published_users(engine: &RedisServer) -> Vec<String> {
+    engine
+        .entries("stream:exness")
+        .await
+        .iter()
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(&engine_message(e)).ok())
+        .filter_map(|v| v["userId"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// POSTs an ensure for `user` (email `<user>@example.com`) with its token.
+pub async fn post_ensure(
+    client: &reqwest::Client,
+    address: SocketAddr,
+    user: &str,
+) -> reqwest::Result<reqwest::Response> {
+    client
+        .post(format!("http://{address}{ENSURE_PATH}"))
+        .bearer_auth(token(user, &format!("{user}@example.com")))
+        .send()
+        .await
 }
 
 /// The exact command the Engine must receive.

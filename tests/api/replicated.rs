@@ -2,7 +2,6 @@
 //! and three Sentinels watching them (quorum 2), every process on a free port of its own and
 //! killed when dropped. Nothing here sleeps to synchronise: every wait polls a condition.
 
-use std::future::Future;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,22 +12,6 @@ use crate::helpers::*;
 /// `down-after-milliseconds` (1 s) and an election, usually a few seconds in all; a split
 /// vote makes it wait twice `failover-timeout` (20 s) before the next election.
 pub const FAILOVER_DEADLINE: Duration = Duration::from_secs(30);
-
-/// Polls `check` until it returns `Some`, or panics with `what` after `deadline`.
-pub async fn within<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let until = Instant::now() + deadline;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < until, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await; // poll interval, bounded above
-    }
-}
 
 /// One `redis-server` or `redis-sentinel` process.
 struct Instance {
