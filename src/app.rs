@@ -57,9 +57,6 @@ impl Mode {
 }
 
 /// A built, not yet running, process.
-/// Connections the listener's confirmed XADDs share when `QUEUE_MIN_REPLICAS` is set.
-const REPLICATION_CONNECTIONS: usize = 8;
-
 pub struct Application {
     config: Config,
     mode: Mode,
@@ -189,19 +186,8 @@ impl Application {
             None
         };
 
-        // QUEUE_MIN_REPLICAS: confirmed XADDs get connections of their own (WAIT blocks one).
         let replication = if config.queue_min_replicas > 0 && mode.listens() {
-            let mut conns = Vec::new();
-            for _ in 0..REPLICATION_CONNECTIONS {
-                // The answer comes after the WAIT: give it that long on top.
-                let answer_within = config.enqueue_timeout + config.queue_replica_timeout;
-                conns.push(queue::connect_queue(&topology, answer_within).await?);
-            }
-            Some(ingress::Replication::new(
-                config.queue_min_replicas,
-                config.queue_replica_timeout,
-                conns,
-            ))
+            Some(queue::replication::Replication::connect(&topology, &config).await?)
         } else {
             None
         };
@@ -402,34 +388,5 @@ impl Application {
         }
         tracing::info!("stopped");
         Ok(())
-    }
-}
-
-/// Completes on SIGTERM or SIGINT. The handlers are installed when this is called, not
-/// when the future is first polled: call it before the listeners answer, so a SIGTERM that
-/// arrives while the process starts is a graceful shutdown too, never the default death.
-pub fn shutdown_signal() -> impl Future<Output = ()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let term = signal(SignalKind::terminate());
-        let int = signal(SignalKind::interrupt());
-        async move {
-            match (term, int) {
-                (Ok(mut term), Ok(mut int)) => {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = int.recv() => {}
-                    }
-                }
-                _ => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    async {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }

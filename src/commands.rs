@@ -2,13 +2,14 @@
 
 use std::process::ExitCode;
 
-use crate::app::{shutdown_signal, Application, Mode};
+use crate::app::{Application, Mode};
 use crate::cli::{Cli, Command, DeadLetterCommand, ImportFormat, UsersCommand};
 use crate::config::{Config, EngineSettings, StoreSettings};
 use crate::connection::{self, RawEntry};
 use crate::http::auth::mint_token;
 use crate::queue;
 use crate::queue::dead_letters::{letter_json, DeadLetters};
+use crate::shutdown::shutdown_signal;
 use crate::telemetry;
 
 /// Runs a command and turns its result into the process's exit code. Every failure is one

@@ -22,6 +22,7 @@ pub mod http;
 pub mod identity;
 pub mod queue;
 pub mod retry;
+pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod worker;

@@ -3,7 +3,7 @@
 //! The strings here are the public contract: the platform's clients compare them. Bodies
 //! are serialised from small borrowed structs, with no intermediate JSON values.
 
-use crate::queue::ingress::QueueView;
+use crate::queue::replication::QueueView;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use super::replication::{QueueView, Replication};
 use super::status::{RequestRecord, RequestState, StatusKeys};
 use super::QueueTopology;
 use crate::connection::{RawEntry, RedisConn};
@@ -101,57 +102,6 @@ pub enum EnqueueError {
         confirmed: i64,
         wanted: usize,
     },
-}
-
-/// What `/readyz` adds about a replicated queue; nothing at all for a plain one.
-#[derive(Debug, Default, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct QueueView {
-    /// The primary Sentinel named, when the queue is found through Sentinel.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub queue_primary: Option<String>,
-    /// With `QUEUE_MIN_REPLICAS`: how many replicas confirmed the last entry.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub replicas_confirming: Option<i64>,
-}
-
-/// `QUEUE_MIN_REPLICAS`: how an entry is confirmed on replicas before its 2xx.
-///
-/// `WAIT` blocks the connection it is sent on until the replicas confirm, so the XADDs
-/// that need it go over a pool of connections of their own: one slow confirmation holds up
-/// only the requests behind it on its connection.
-pub struct Replication {
-    pub min_replicas: usize,
-    pub timeout: Duration,
-    conns: Vec<RedisConn>,
-    next: std::sync::atomic::AtomicUsize,
-    /// WAIT's last answer; -1 before the first.
-    last_confirmed: std::sync::atomic::AtomicI64,
-}
-
-impl Replication {
-    pub fn new(min_replicas: usize, timeout: Duration, conns: Vec<RedisConn>) -> Self {
-        assert!(!conns.is_empty(), "a replication pool needs a connection");
-        Self {
-            min_replicas,
-            timeout,
-            conns,
-            next: Default::default(),
-            last_confirmed: std::sync::atomic::AtomicI64::new(-1),
-        }
-    }
-
-    fn conn(&self) -> RedisConn {
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.conns[i % self.conns.len()].clone()
-    }
-
-    /// Adds the `WAIT` to a pipeline whose last write it must confirm.
-    pub fn add_wait(&self, pipe: &mut redis::Pipeline) {
-        pipe.cmd("WAIT")
-            .arg(self.min_replicas)
-            .arg(self.timeout.as_millis() as u64);
-    }
 }
 
 /// The listener's side of the ingress stream(s).

@@ -6,7 +6,8 @@
 //! - [`monitor`]: sampling backlog, pending entries, lag and dead letters;
 //! - [`lease`]: keeping the entries a consumer works on, and finishing only those it owns;
 //! - [`layout`]: ingress streams of earlier shard layouts, drained until empty;
-//! - [`status`]: the per-request records behind `GET …/requests/<id>`, and failure history.
+//! - [`status`]: the per-request records behind `GET …/requests/<id>`, and failure history;
+//! - [`replication`]: `QUEUE_MIN_REPLICAS`, entries confirmed on replicas before a 2xx.
 
 pub mod dead_letters;
 pub mod ingress;
@@ -14,6 +15,7 @@ pub mod layout;
 pub mod lease;
 pub mod monitor;
 pub mod outcome;
+pub mod replication;
 pub mod status;
 
 use std::time::Duration;
