@@ -76,6 +76,21 @@ pub async fn wait_until_answers(url: &str) {
     .await;
 }
 
+/// Every entry of `stream` on the server behind `conn`, oldest first.
+pub async fn stream_entries(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+) -> Vec<RawEntry> {
+    let value: redis::Value = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .unwrap();
+    parse_entries(&value)
+}
+
 /// A `redis-server` of the test's own, on a free port, killed when dropped.
 pub struct RedisServer {
     pub port: u16,
@@ -212,15 +227,7 @@ impl RedisServer {
 
     /// Every entry of a stream, oldest first.
     pub async fn entries(&self, stream: &str) -> Vec<RawEntry> {
-        let mut conn = self.conn().await;
-        let value: redis::Value = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg("-")
-            .arg("+")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        parse_entries(&value)
+        stream_entries(&mut self.conn().await, stream).await
     }
 }
 

@@ -157,15 +157,7 @@ impl ReplicatedRedis {
 
     /// Every entry of `stream` on the current primary, oldest first.
     pub async fn entries(&self, stream: &str) -> Vec<ensure_user::connection::RawEntry> {
-        let mut conn = self.primary_conn().await;
-        let value: redis::Value = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg("-")
-            .arg("+")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        ensure_user::connection::parse_entries(&value)
+        stream_entries(&mut self.primary_conn().await, stream).await
     }
 
     /// SIGKILLs the current primary (it is not restarted); returns its port.
