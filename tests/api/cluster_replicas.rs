@@ -115,8 +115,7 @@ async fn delivery(
     engine: &RedisServer,
     accepted: &BTreeSet<String>,
 ) -> (usize, usize) {
-    let deadline = Instant::now() + DRAIN_WITHIN;
-    loop {
+    let look = || async {
         let stored: BTreeSet<String> = rows(db).into_iter().map(|(id, _)| id).collect();
         let published: Vec<String> = published_users(engine).await.into_iter().collect();
         let distinct: BTreeSet<&String> = published.iter().collect();
@@ -124,11 +123,15 @@ async fn delivery(
             .iter()
             .filter(|u| !stored.contains(*u) || !distinct.contains(u))
             .count();
-        if lost == 0 || Instant::now() >= deadline {
-            return (lost, published.len() - distinct.len());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await; // poll interval, bounded by the deadline
-    }
+        (lost, published.len() - distinct.len())
+    };
+    last_look(
+        DRAIN_WITHIN,
+        Duration::from_millis(200),
+        look,
+        |(lost, _)| *lost == 0,
+    )
+    .await
 }
 
 /// Calls of `command` (refused and failed ones included) in an `INFO commandstats`.

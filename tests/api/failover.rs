@@ -48,6 +48,7 @@ impl Answer {
 }
 
 /// When things happened, from the start of the experiment.
+#[derive(Clone, Copy)]
 struct Timeline {
     /// The primary counted no replica any more.
     cut: Option<Duration>,
@@ -259,28 +260,25 @@ async fn first_answer(
     wanted: fn(&Answer) -> bool,
 ) -> Answer {
     let client = client();
-    let deadline = Instant::now() + DEADLINE;
-    for i in 0.. {
-        let answer = ensure(
+    let mut i = 0;
+    let send = || {
+        i += 1;
+        ensure(
             &client,
             listener.address,
             format!("{name}-warm-up-{i}"),
             start,
         )
-        .await;
-        if wanted(&answer) {
-            return answer;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name}: not the answer wanted within {DEADLINE:?} (last: {:?}); \
-             does the service follow the Sentinels? Its log:\n{}",
-            answer.status,
-            tail(&listener.log(), 30)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await; // retry pacing, bounded above
-    }
-    unreachable!()
+    };
+    let answer = last_look(DEADLINE, Duration::from_millis(100), send, wanted).await;
+    assert!(
+        wanted(&answer),
+        "{name}: not the answer wanted within {DEADLINE:?} (last: {:?}); \
+         does the service follow the Sentinels? Its log:\n{}",
+        answer.status,
+        tail(&listener.log(), 30)
+    );
+    answer
 }
 
 /// `CLIENTS` clients, each sending ensures of new users (`<prefix>-<client>-<i>`) one after
@@ -371,17 +369,15 @@ async fn settle(
     answers: &[Answer],
     timeline: Timeline,
 ) -> Figures {
-    let deadline = Instant::now() + SETTLE_WITHIN;
-    let mut figures = Figures::of_answers(answers, timeline);
-    loop {
+    let look = || async {
+        let mut figures = Figures::of_answers(answers, timeline);
         let stored: BTreeSet<String> = rows(db).into_iter().map(|(id, _)| id).collect();
         let published = request_ids(engine.entries("stream:exness").await);
         figures.count_deliveries(answers, &stored, &published);
-        if figures.lost.is_empty() || Instant::now() >= deadline {
-            return figures;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await; // poll interval, bounded above
-    }
+        figures
+    };
+    let done = |f: &Figures| f.lost.is_empty();
+    last_look(SETTLE_WITHIN, Duration::from_millis(250), look, done).await
 }
 
 /// How many `createUser` commands these Engine entries hold per request id.
@@ -403,18 +399,15 @@ fn request_ids(entries: Vec<ensure_user::connection::RawEntry>) -> BTreeMap<Stri
 /// `DEADLINE`.
 async fn ready_primary(listener: SocketAddr, expected: u16) -> Option<String> {
     let expected = format!("127.0.0.1:{expected}");
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    let look = || async {
         let ready: Option<Value> = match reqwest::get(format!("http://{listener}/readyz")).await {
             Ok(response) => response.json().await.ok(),
             Err(_) => None,
         };
-        let named = ready.and_then(|r| r["queuePrimary"].as_str().map(str::to_string));
-        if named.as_deref() == Some(expected.as_str()) || Instant::now() >= deadline {
-            return named;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await; // poll interval, bounded above
-    }
+        ready.and_then(|r| r["queuePrimary"].as_str().map(str::to_string))
+    };
+    let named = |n: &Option<String>| n.as_deref() == Some(expected.as_str());
+    last_look(DEADLINE, Duration::from_millis(100), look, named).await
 }
 
 fn tail(log: &str, lines: usize) -> String {

@@ -31,18 +31,35 @@ where
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `deadline`.
-pub async fn within<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+pub async fn within<T, F, Fut>(deadline: Duration, what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
+    last_look(deadline, Duration::from_millis(25), check, Option::is_some)
+        .await
+        .unwrap_or_else(|| panic!("timed out waiting for: {what}"))
+}
+
+/// Looks (every `interval`) until `done` holds for what `look` saw, or `deadline` has
+/// passed; returns the last look either way, for a test that reports what it saw.
+pub async fn last_look<T, F, Fut>(
+    deadline: Duration,
+    interval: Duration,
+    mut look: F,
+    done: impl Fn(&T) -> bool,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = T>,
+{
     let until = Instant::now() + deadline;
     loop {
-        if let Some(value) = check().await {
-            return value;
+        let seen = look().await;
+        if done(&seen) || Instant::now() >= until {
+            return seen;
         }
-        assert!(Instant::now() < until, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await; // poll interval, bounded by the deadline above
+        tokio::time::sleep(interval).await; // the poll interval, bounded by the deadline above
     }
 }
 
