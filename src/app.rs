@@ -31,6 +31,7 @@ use crate::queue::{self, ingress, layout, outcome};
 use crate::retry::RetryPolicy;
 use crate::store::{Store, StoreOptions};
 use crate::telemetry;
+use crate::telemetry::trace::Tracing;
 use crate::worker::job::EngineConfirmation;
 use crate::worker::runner::PoolSettings;
 use crate::worker::{WorkerContext, WorkerPool};
@@ -89,6 +90,7 @@ impl Application {
         drop(metrics);
 
         let shutdown = CancellationToken::new();
+        let tracing = Tracing::start(config.tracing.as_ref())?;
         let listener_id = uuid::Uuid::new_v4().simple().to_string();
         let waiters = Arc::new(outcome::Waiters::default());
         let topology = queue::QueueTopology::of(&config);
@@ -180,6 +182,7 @@ impl Application {
                     initial: config.retry_initial,
                     max: config.retry_max,
                 },
+                tracing: tracing.clone(),
                 shutdown: shutdown.clone(),
             }))
         } else {
@@ -213,6 +216,7 @@ impl Application {
             max_backlog: config.queue_max_backlog,
             body_timeout: config.header_read_timeout,
             cors: config.cors_allowed_origins.clone(),
+            tracing,
             shutdown: shutdown.clone(),
         });
         let admin = match admin_listener {
@@ -386,6 +390,9 @@ impl Application {
         {
             tracing::warn!(grace = ?self.config.shutdown_grace, "shutdown grace ran out; exiting anyway");
         }
+        // What the last requests and batches traced is sent before the process ends.
+        let traces = self.api.tracing.clone();
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
         tracing::info!("stopped");
         Ok(())
     }

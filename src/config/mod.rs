@@ -13,11 +13,13 @@ use std::time::Duration;
 mod jwt;
 mod origins;
 mod settings;
+mod traces;
 
 pub use jwt::{JwtConfig, JwtSecret, KeyFile};
 pub(crate) use origins::normalise;
 pub use origins::AllowedOrigins;
 use settings::Settings;
+pub use traces::{TraceSampler, TraceSettings};
 
 /// One setting that could not be used, with what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -174,6 +176,8 @@ pub struct Config {
     /// Browser origins allowed to call the API; none by default (no CORS headers).
     pub cors_allowed_origins: AllowedOrigins,
     pub log_format: LogFormat,
+    /// `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT` and the rest: `None` exports nothing.
+    pub tracing: Option<TraceSettings>,
 }
 
 impl Config {
@@ -353,6 +357,7 @@ impl Config {
             cors_allowed_origins: AllowedOrigins::parse(&s.string("CORS_ALLOWED_ORIGINS", ""))
                 .map_err(|problem| ConfigError::new("CORS_ALLOWED_ORIGINS", problem))?,
             log_format,
+            tracing: s.tracing()?,
         })
     }
 }

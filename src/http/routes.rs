@@ -1,8 +1,5 @@
-//! Dispatch by path and method, and the ensure flow itself.
-//!
-//! The ensure flow: refuse an oversized body, authenticate, register a waiter, XADD, then
-//! wait (bounded) for the worker's outcome. The waiter is registered before the XADD so
-//! an outcome that arrives before the XADD's answer is not missed.
+//! Dispatch by path and method; health, readiness and request status. The ensure flow
+//! itself is [`super::ensure`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,11 +12,11 @@ use tracing::Instrument as _;
 
 use super::auth::Authenticator;
 use super::responses::{self, ApiError, HttpResponse};
-use crate::clock::now_millis;
 use crate::config::AllowedOrigins;
-use crate::queue::ingress::{EnsureRequest, Ingress};
-use crate::queue::outcome::{Heard, Outcome, Waiters};
+use crate::queue::ingress::Ingress;
+use crate::queue::outcome::Waiters;
 use crate::telemetry;
+use crate::telemetry::trace::{Attribute, TraceSpan, Tracing};
 
 /// Bodies up to this size are read and ignored; larger ones are refused with 413.
 pub const MAX_BODY_BYTES: u64 = 64 * 1024;
@@ -43,6 +40,8 @@ pub struct ApiState {
     pub body_timeout: Duration,
     /// Browser origins allowed to call the API (`CORS_ALLOWED_ORIGINS`).
     pub cors: AllowedOrigins,
+    /// Traces (`OTEL_EXPORTER_OTLP_ENDPOINT`); off, every span is empty.
+    pub tracing: Tracing,
     pub shutdown: CancellationToken,
 }
 
@@ -62,7 +61,16 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> HttpRespons
     // Only the headers CORS looks at are kept, and only when CORS is on: the hot path
     // without it copies nothing.
     let cors_headers = state.cors.is_enabled().then(|| cors_request_headers(&req));
-    let mut response = match dispatch(&state, req).instrument(span.clone()).await {
+    // Only the ensure flow is traced: health checks and scrapes would drown it.
+    let trace = match route {
+        "ensure" => state.tracing.server_span("ensure", req.headers()),
+        _ => TraceSpan::default(),
+    };
+    let mut response = match dispatch(&state, req, &trace)
+        .instrument(span.clone())
+        .instrument(trace.log_span())
+        .await
+    {
         Ok(r) => r,
         Err(e) => e.to_response(),
     };
@@ -71,6 +79,16 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> HttpRespons
     }
     let status = response.status();
     span.in_scope(|| tracing::debug!(status = status.as_u16(), "answered"));
+    trace.set(|| {
+        vec![
+            Attribute::new("http.request.method", "POST"),
+            Attribute::new("url.path", ENSURE_PATH),
+            Attribute::new("http.response.status_code", i64::from(status.as_u16())),
+        ]
+    });
+    if status.is_server_error() {
+        trace.fail(|| status.to_string());
+    }
     metrics::counter!(telemetry::HTTP_REQUESTS, "route" => route, "status" => status_label(status))
         .increment(1);
     metrics::histogram!(telemetry::HTTP_DURATION_SECONDS, "route" => route)
@@ -121,7 +139,11 @@ fn status_label(status: StatusCode) -> &'static str {
     }
 }
 
-async fn dispatch(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+async fn dispatch(
+    state: &ApiState,
+    req: Request<Incoming>,
+    trace: &TraceSpan,
+) -> Result<HttpResponse, ApiError> {
     let method = req.method().clone();
     let route = route_name(req.uri().path());
     if matches!(route, "ensure" | "request_status") {
@@ -132,7 +154,7 @@ async fn dispatch(state: &ApiState, req: Request<Incoming>) -> Result<HttpRespon
         }
     }
     match (route, method) {
-        ("ensure", Method::POST) => ensure(state, req).await,
+        ("ensure", Method::POST) => super::ensure::ensure(state, req, trace).await,
         ("ensure", _) => Err(ApiError::MethodNotAllowed { allow: "POST" }),
         ("healthz", Method::GET | Method::HEAD) => Ok(responses::healthy()),
         ("readyz", Method::GET | Method::HEAD) => {
@@ -157,7 +179,7 @@ async fn dispatch(state: &ApiState, req: Request<Incoming>) -> Result<HttpRespon
 /// Reads and drops the body, refusing it once it passes [`MAX_BODY_BYTES`], so an
 /// oversized body is never buffered, or once it has taken longer than `limit`, so a body
 /// trickled a byte at a time cannot hold a connection slot (the head has its own limit).
-async fn discard_body(mut body: Incoming, limit: Duration) -> Result<(), ApiError> {
+pub(super) async fn discard_body(mut body: Incoming, limit: Duration) -> Result<(), ApiError> {
     if body.size_hint().lower() > MAX_BODY_BYTES {
         return Err(ApiError::PayloadTooLarge);
     }
@@ -215,148 +237,6 @@ pub fn request_id_of(path: &str) -> Option<&str> {
         && id.len() <= 64
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
     usable.then_some(id)
-}
-
-async fn ensure(state: &ApiState, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
-    let (parts, body) = req.into_parts();
-    discard_body(body, state.body_timeout)
-        .await
-        .inspect_err(|_| answer("refused"))?;
-    let identity = state.auth.authenticate(&parts.headers).inspect_err(|e| {
-        answer("refused");
-        tracing::debug!(reason = %e, "refused");
-    })?;
-    tracing::Span::current().record("user_id", identity.user_id.as_str());
-    let Some(ingress) = &state.ingress else {
-        return Err(ApiError::NotFound);
-    };
-    if !state.backlog.admits(state.max_backlog) {
-        metrics::counter!(telemetry::BACKLOG_REFUSALS).increment(1);
-        answer("backlog");
-        return Err(ApiError::Backlog);
-    }
-    if state.wait.is_zero() {
-        let request = new_request(identity.user_id, identity.email, String::new());
-        enqueue(state, ingress, &request, true).await?;
-        answer("queued");
-        return Ok(responses::initiated(&request.user_id, &request.request_id));
-    }
-
-    let deadline = tokio::time::Instant::now() + state.wait;
-    let user_key = format!("{}\n{}", identity.user_id, identity.email);
-    let _waiting = Waiting::counted();
-
-    // The same user is already queued here and not yet published: share that entry.
-    if let Some((request_id, mut waiter)) = state.waiters.join(&user_key) {
-        metrics::counter!(telemetry::COALESCED).increment(1);
-        tracing::Span::current().record("request_id", request_id.as_str());
-        match waiter.until(deadline, &state.shutdown).await {
-            Some(Heard::Outcome(outcome)) => return outcome_answer(outcome, &request_id),
-            // Published by another process, maybe before this request came: queue anew.
-            Some(Heard::Requeue) => {}
-            // The entry it joined was never queued: the same answer as its owner got.
-            Some(Heard::NotQueued) => {
-                answer("unavailable");
-                return Err(ApiError::QueueUnavailable);
-            }
-            None => {
-                answer("timeout");
-                let shared = EnsureRequest {
-                    request_id,
-                    user_id: identity.user_id,
-                    email: identity.email,
-                    reply_to: String::new(),
-                    enqueued_at_ms: 0,
-                };
-                ingress.note_queued(&shared).await;
-                return Ok(responses::initiated(&shared.user_id, &shared.request_id));
-            }
-        }
-    }
-
-    let request = new_request(identity.user_id, identity.email, state.listener_id.clone());
-    let mut waiter = state.waiters.register(&request.request_id, &user_key);
-    if let Err(e) = enqueue(state, ingress, &request, false).await {
-        state.waiters.not_queued(&request.request_id);
-        return Err(e);
-    }
-    match waiter.until(deadline, &state.shutdown).await {
-        Some(Heard::Outcome(outcome)) => outcome_answer(outcome, &request.request_id),
-        // The owner of an entry always hears its outcome; these arms cannot be reached.
-        Some(Heard::Requeue | Heard::NotQueued) | None => {
-            answer("timeout");
-            // A 202 is a promise the client can follow; make sure its record exists.
-            ingress.note_queued(&request).await;
-            Ok(responses::initiated(&request.user_id, &request.request_id))
-        }
-    }
-}
-
-fn new_request(user_id: String, email: String, reply_to: String) -> EnsureRequest {
-    let request_id = uuid::Uuid::new_v4().simple().to_string();
-    tracing::Span::current().record("request_id", request_id.as_str());
-    EnsureRequest {
-        request_id,
-        user_id,
-        email,
-        reply_to,
-        enqueued_at_ms: now_millis(),
-    }
-}
-
-async fn enqueue(
-    state: &ApiState,
-    ingress: &Ingress,
-    request: &EnsureRequest,
-    with_record: bool,
-) -> Result<(), ApiError> {
-    state.backlog.count_queued();
-    ingress.enqueue(request, with_record).await.map(drop).map_err(|e| {
-        metrics::counter!(telemetry::ENQUEUE_FAILURES).increment(1);
-        answer("unavailable");
-        tracing::warn!(request_id = %request.request_id, user_id = %request.user_id, error = %e, "request not queued; answered 503");
-        ApiError::QueueUnavailable
-    })
-}
-
-fn outcome_answer(outcome: Outcome, request_id: &str) -> Result<HttpResponse, ApiError> {
-    match outcome {
-        Outcome::Done { user_id } => {
-            answer("done");
-            Ok(responses::ensured(&user_id, request_id))
-        }
-        Outcome::Dead { reason } => {
-            answer("dead");
-            tracing::warn!(request_id, %reason, "request dead-lettered; answered 500");
-            Err(ApiError::Failed)
-        }
-    }
-}
-
-/// One request waiting for its outcome, counted in the `waiters` gauge for as long as it
-/// lives: dropping it keeps the gauge right on every path out of a handler, including a
-/// client that hangs up mid-wait.
-struct Waiting(metrics::Gauge);
-
-impl Waiting {
-    fn counted() -> Self {
-        let gauge = metrics::gauge!(telemetry::WAITERS);
-        gauge.increment(1.0);
-        Self(gauge)
-    }
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.0.decrement(1.0);
-    }
-}
-
-fn answer(outcome: &'static str) {
-    metrics::counter!(telemetry::ANSWERS, "outcome" => outcome).increment(1);
-    if matches!(outcome, "done" | "timeout" | "queued" | "dead") {
-        crate::telemetry::rates::record(crate::telemetry::rates::Event::Accepted, 1);
-    }
 }
 
 #[cfg(test)]

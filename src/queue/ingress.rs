@@ -18,6 +18,9 @@ pub mod fields {
     pub const EMAIL: &str = "email";
     pub const REPLY_TO: &str = "reply_to";
     pub const ENQUEUED_AT: &str = "enqueued_at";
+    /// The listener's trace context (traces on only): a W3C `traceparent`, then its
+    /// `tracestate` on a second line when there is one.
+    pub const TRACE: &str = "trace";
 }
 
 /// One authenticated request to make sure a user exists.
@@ -30,6 +33,9 @@ pub struct EnsureRequest {
     pub reply_to: String,
     /// Unix milliseconds when the listener accepted the request.
     pub enqueued_at_ms: u64,
+    /// The trace this request belongs to (the `trace` field); `None` from older versions
+    /// and when traces are off. Never a reason to refuse an entry.
+    pub trace: Option<String>,
 }
 
 /// Why an entry is not an ensure request. Never retried: the bytes will not change.
@@ -72,11 +78,12 @@ impl EnsureRequest {
             enqueued_at_ms: text(fields::ENQUEUED_AT)?
                 .parse()
                 .map_err(|_| DecodeError::NotANumber(fields::ENQUEUED_AT))?,
+            trace: text(fields::TRACE).ok().filter(|t| !t.is_empty()),
         })
     }
 
-    /// The XADD arguments for this request, in a fixed order.
-    pub fn to_fields(&self) -> [(&'static str, String); 5] {
+    /// The XADD arguments for this request, in a fixed order (`trace` last, when present).
+    pub fn to_fields(&self) -> impl Iterator<Item = (&'static str, String)> + '_ {
         [
             (fields::REQUEST_ID, self.request_id.clone()),
             (fields::USER_ID, self.user_id.clone()),
@@ -84,6 +91,8 @@ impl EnsureRequest {
             (fields::REPLY_TO, self.reply_to.clone()),
             (fields::ENQUEUED_AT, self.enqueued_at_ms.to_string()),
         ]
+        .into_iter()
+        .chain(self.trace.clone().map(|t| (fields::TRACE, t)))
     }
 }
 
@@ -269,7 +278,6 @@ mod tests {
             fields: Some(
                 request
                     .to_fields()
-                    .into_iter()
                     .map(|(k, v)| (k.as_bytes().to_vec(), v.into_bytes()))
                     .collect(),
             ),
@@ -284,8 +292,45 @@ mod tests {
             email: "u1@example.com".into(),
             reply_to: "l1".into(),
             enqueued_at_ms: 1_700_000_000_000,
+            trace: None,
         };
-        assert_eq!(EnsureRequest::decode(&entry_of(&request)), Ok(request));
+        assert_eq!(
+            EnsureRequest::decode(&entry_of(&request)),
+            Ok(request.clone())
+        );
+        let traced = EnsureRequest {
+            trace: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\nk=v".into()),
+            ..request
+        };
+        assert_eq!(EnsureRequest::decode(&entry_of(&traced)), Ok(traced));
+    }
+
+    /// An entry written before traces existed has no `trace` field; one whose field is not
+    /// UTF-8 is still carried out, untraced.
+    #[test]
+    fn entries_without_a_usable_trace_field_still_decode() {
+        for trace in [None, Some(&b"\xff\xfe"[..]), Some(&b""[..])] {
+            let mut fields: Vec<(Vec<u8>, Vec<u8>)> = [
+                ("request_id", &b"r1"[..]),
+                ("user_id", b"u1"),
+                ("email", b"u1@example.com"),
+                ("reply_to", b""),
+                ("enqueued_at", b"1700000000000"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
+            .collect();
+            if let Some(t) = trace {
+                fields.push((b"trace".to_vec(), t.to_vec()));
+            }
+            let entry = RawEntry {
+                id: "1-0".into(),
+                deliveries: 1,
+                fields: Some(fields),
+            };
+            let request = EnsureRequest::decode(&entry).expect("decodes");
+            assert_eq!((request.user_id.as_str(), request.trace), ("u1", None));
+        }
     }
 
     #[test]
@@ -355,8 +400,8 @@ mod tests {
 
             /// Whatever strings a request carries, they come back from the stream unchanged.
             #[test]
-            fn requests_round_trip(request_id in ".{1,40}", user_id in ".{1,128}", email in ".{1,254}", reply_to in ".{0,40}", at in any::<u64>()) {
-                let request = EnsureRequest { request_id, user_id, email, reply_to, enqueued_at_ms: at };
+            fn requests_round_trip(request_id in ".{1,40}", user_id in ".{1,128}", email in ".{1,254}", reply_to in ".{0,40}", at in any::<u64>(), trace in proptest::option::of(".{1,80}")) {
+                let request = EnsureRequest { request_id, user_id, email, reply_to, enqueued_at_ms: at, trace };
                 prop_assert_eq!(EnsureRequest::decode(&entry_of(&request)), Ok(request));
             }
         }

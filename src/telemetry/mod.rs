@@ -13,6 +13,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::config::LogFormat;
 
 pub mod rates;
+pub mod trace;
 
 pub const HTTP_REQUESTS: &str = "ensure_user_http_requests_total";
 pub const HTTP_DURATION_SECONDS: &str = "ensure_user_http_request_duration_seconds";
@@ -42,6 +43,8 @@ pub const DEPENDENCY_UP: &str = "ensure_user_dependency_up";
 pub const QUEUE_REPLICAS_CONFIRMING: &str = "ensure_user_queue_replicas_confirming";
 pub const SENTINEL_PRIMARY: &str = "ensure_user_sentinel_primary";
 pub const BUILD_INFO: &str = "ensure_user_build_info";
+pub const TRACE_SPANS_EXPORTED: &str = "ensure_user_trace_spans_exported_total";
+pub const TRACE_SPANS_DROPPED: &str = "ensure_user_trace_spans_dropped_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -93,6 +96,14 @@ fn describe() {
     describe_gauge!(
         WAITERS,
         "Ensure requests waiting for their outcome right now."
+    );
+    describe_counter!(
+        TRACE_SPANS_EXPORTED,
+        "Finished trace spans sent to the OTLP endpoint (traces on only)."
+    );
+    describe_counter!(
+        TRACE_SPANS_DROPPED,
+        "Finished trace spans never sent, by reason: queue_full (OTEL_BSP_MAX_QUEUE_SIZE reached), export_failed (the endpoint refused them or did not answer)."
     );
     describe_counter!(COALESCED, "Requests that joined an entry of the same user already queued here instead of queuing their own.");
     describe_counter!(
@@ -185,6 +196,9 @@ fn zero_known_series() {
     ] {
         metrics::counter!(JOBS_DEAD_LETTERED, "reason" => reason).absolute(0);
     }
+    for reason in ["queue_full", "export_failed"] {
+        metrics::counter!(TRACE_SPANS_DROPPED, "reason" => reason).absolute(0);
+    }
     for name in [
         ENQUEUE_FAILURES,
         JOBS_COMPLETED,
@@ -196,6 +210,7 @@ fn zero_known_series() {
         ENGINE_UNCORRELATED_REPLIES,
         LEASE_LOST,
         BACKLOG_REFUSALS,
+        TRACE_SPANS_EXPORTED,
     ] {
         metrics::counter!(name).absolute(0);
     }
@@ -217,22 +232,37 @@ pub async fn run_metrics_upkeep(
 }
 
 /// Sets up logging: human-readable by default, one JSON object per line with `LOG_FORMAT=json`.
+/// Lines written inside a traced span carry its `trace_id` and `span_id` ([`trace`]).
 pub fn init_logging(format: LogFormat) {
     use std::io::IsTerminal as _;
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let colour = use_colour(
         std::io::stderr().is_terminal(),
         std::env::var_os("NO_COLOR").as_deref(),
     );
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let _ = log_subscriber(format, filter, colour, std::io::stderr).try_init();
+}
+
+/// The service's log subscriber, writing to `writer` (tests pass a buffer).
+pub fn log_subscriber<W>(
+    format: LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+    colour: bool,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => Box::new(builder.finish()),
+        LogFormat::Json => Box::new(builder.json().finish()),
+    }
 }
 
 /// Whether text logs are coloured: only on a terminal (a file or pipe would get escape

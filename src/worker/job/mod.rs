@@ -11,27 +11,29 @@
 //! consumer did take over (this one stalled past `CLAIM_IDLE_MS`) is left to that consumer:
 //! not published again from here, and finished (status, outcome, dead letter) only by it.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
-use crate::clock::now_millis;
 use crate::connection::{RawEntry, RedisConn};
 use crate::engine::confirm::Confirmations;
 use crate::engine::EnginePublisher;
 use crate::queue::dead_letters::DeadLetter;
 use crate::queue::ingress::EnsureRequest;
-use crate::queue::lease::{self, Ending, Lease};
-use crate::queue::outcome::{Delivery, Outcome, OutcomeBus};
-use crate::queue::status::{RequestRecord, RequestState, StatusKeys};
-use crate::retry::{JobError, RetryPolicy, StepError};
+use crate::queue::lease::Lease;
+use crate::queue::outcome::OutcomeBus;
+use crate::queue::status::StatusKeys;
+use crate::retry::{JobError, RetryPolicy};
 use crate::store::{NewUser, Resolution, Store};
 use crate::telemetry;
+use crate::telemetry::trace::{TraceSpan, Tracing};
 
 mod engine;
+mod finish;
 mod store;
+mod trace;
 
 /// `ENGINE_CONFIRM=ack`: where replies arrive, how long to wait for one, how often to
 /// publish a command before giving up on it.
@@ -61,6 +63,8 @@ pub struct WorkerContext {
     pub claim_idle: Duration,
     /// `QUEUE_MIN_REPLICAS` and its timeout: finishing is confirmed on replicas too.
     pub replicas: Option<(usize, Duration)>,
+    /// Traces: a span per batch, linked to each entry's trace, and one per entry in it.
+    pub tracing: Tracing,
     pub shutdown: CancellationToken,
 }
 
@@ -76,6 +80,8 @@ pub struct BatchReport {
 struct Decoded {
     entry: RawEntry,
     request: EnsureRequest,
+    /// The entry's span, continuing its request's trace (empty when traces are off).
+    trace: TraceSpan,
 }
 
 /// A request stored, with the user as the store keeps it: the pair its `createUser` carries.
@@ -85,6 +91,32 @@ type Stored = (Decoded, NewUser);
 struct Dead {
     letter: DeadLetter,
     request: Option<EnsureRequest>,
+    trace: TraceSpan,
+}
+
+impl Dead {
+    /// An entry that goes to the dead letters, logged and told to its trace.
+    fn new(
+        entry: RawEntry,
+        request: Option<EnsureRequest>,
+        reason: String,
+        history: Option<&crate::queue::status::FailureHistory>,
+        trace: TraceSpan,
+    ) -> Self {
+        trace::dead_lettered(&trace, &reason);
+        let _in_trace = trace.log_span().entered();
+        match &request {
+            Some(r) => {
+                tracing::error!(entry_id = %entry.id, request_id = %r.request_id, %reason, "request dead-lettered")
+            }
+            None => tracing::error!(entry_id = %entry.id, %reason, "entry dead-lettered"),
+        }
+        Self {
+            letter: DeadLetter::new(entry, reason, history),
+            request,
+            trace,
+        }
+    }
 }
 
 impl WorkerContext {
@@ -123,13 +155,28 @@ impl WorkerContext {
         lease: &Lease,
         entries: Vec<RawEntry>,
     ) -> Result<BatchReport, JobError> {
+        let batch = self.batch_span(lease, &entries);
+        self.carry_out(lease, entries, &batch)
+            .instrument(batch.log_span())
+            .await
+    }
+
+    async fn carry_out(
+        self: &Arc<Self>,
+        lease: &Lease,
+        entries: Vec<RawEntry>,
+        batch: &TraceSpan,
+    ) -> Result<BatchReport, JobError> {
         let started = Instant::now();
         let stream = lease.stream.as_str();
-        let (good, mut dead) = self.triage(stream, entries).await;
+        let (good, mut dead) = self.triage(stream, entries, batch).await;
 
         // 1. Store.
         let mut stored: Vec<Stored> = Vec::with_capacity(good.len());
-        match self.store_step(lease, &good).await? {
+        let store_spans = trace::step_spans("store", good.iter().map(|d| &d.trace));
+        let stored_or_refused = self.store_step(lease, &good).await?;
+        drop(store_spans);
+        match stored_or_refused {
             Ok(resolutions) => {
                 for (d, resolution) in good.into_iter().zip(resolutions) {
                     match resolution {
@@ -154,6 +201,7 @@ impl WorkerContext {
         );
 
         // 2. Tell the Engine, with the canonical id; 3. finish; 4. tell whoever waits.
+        let engine_spans = trace::step_spans("engine", stored.iter().map(|(d, _)| &d.trace));
         let report = match &self.confirm {
             None => {
                 self.publish(lease, &stored).await?;
@@ -168,6 +216,7 @@ impl WorkerContext {
                 report
             }
         };
+        drop(engine_spans);
         metrics::histogram!(telemetry::BATCH_SIZE).record((report.done + report.dead) as f64);
         tracing::debug!(
             done = report.done,
@@ -178,125 +227,19 @@ impl WorkerContext {
         Ok(report)
     }
 
-    /// Finishes entries this consumer still owns, in one script: dead letters, status
-    /// records, acknowledgement. Then tells whoever waits, for the entries it finished.
-    async fn finish(
-        &self,
-        lease: &Lease,
-        done: Vec<Stored>,
-        dead: Vec<Dead>,
-    ) -> Result<BatchReport, JobError> {
-        if done.is_empty() && dead.is_empty() {
-            return Ok(BatchReport::default());
-        }
-        let stream = lease.stream.as_str();
-        let record =
-            |request: &EnsureRequest, state, user_id: Option<&str>, reason: Option<&str>| {
-                let record = RequestRecord {
-                    user_id: user_id.map(str::to_string),
-                    reason: reason.map(str::to_string),
-                    ..RequestRecord::of(&request.request_id, &request.user_id, state)
-                };
-                Some((
-                    StatusKeys::record_key(stream, &request.request_id),
-                    StatusKeys::record_json(&record),
-                ))
-            };
-        let mut endings = Vec::with_capacity(done.len() + dead.len());
-        for (d, canonical) in &done {
-            endings.push(Ending {
-                entry_id: &d.entry.id,
-                record: record(
-                    &d.request,
-                    RequestState::Done,
-                    Some(&canonical.user_id),
-                    None,
-                ),
-                dead_letter: Vec::new(),
-            });
-        }
-        for Dead { letter, request } in &dead {
-            endings.push(Ending {
-                entry_id: &letter.entry.id,
-                record: request
-                    .as_ref()
-                    .and_then(|r| record(r, RequestState::Dead, None, Some(&letter.reason))),
-                dead_letter: letter.fields(),
-            });
-        }
-        let endings = &endings;
-        lease.mark_finishing(endings.iter().map(|e| e.entry_id));
-        let finished: HashSet<String> = self
-            .retry
-            .run("ack", &self.shutdown, || async move {
-                lease::finish(&self.queue, lease, self.status.ttl_secs, endings)
-                    .await
-                    .map_err(|e| StepError::Retryable(e.to_string()))
-            })
-            .await?;
-        if let Some((min, timeout)) = self.replicas {
-            self.confirm_on_replicas(&lease.stream, min, timeout).await;
-        }
-        // Not finished: another consumer owns them now, and will say how they ended.
-        lease.mark_lost(
-            endings
-                .iter()
-                .map(|e| e.entry_id)
-                .filter(|id| !finished.contains(*id)),
-        );
-
-        let now = now_millis();
-        let mut report = BatchReport::default();
-        let mut deliveries = Vec::with_capacity(finished.len());
-        for (d, canonical) in done {
-            if !finished.contains(&d.entry.id) {
-                continue;
-            }
-            report.done += 1;
-            tracing::debug!(request_id = %d.request.request_id, user_id = %d.request.user_id, canonical_id = %canonical.user_id, "ensured");
-            metrics::histogram!(telemetry::ENQUEUE_TO_DONE_SECONDS)
-                .record(now.saturating_sub(d.request.enqueued_at_ms) as f64 / 1000.0);
-            deliveries.push(Delivery {
-                reply_to: d.request.reply_to,
-                request_id: d.request.request_id,
-                outcome: Outcome::Done {
-                    user_id: canonical.user_id,
-                },
-            });
-        }
-        for Dead { letter, request } in dead {
-            if !finished.contains(&letter.entry.id) {
-                continue;
-            }
-            report.dead += 1;
-            metrics::counter!(telemetry::JOBS_DEAD_LETTERED, "reason" => reason_kind(&letter.reason)).increment(1);
-            if let Some(request) = request {
-                deliveries.push(Delivery {
-                    reply_to: request.reply_to,
-                    request_id: request.request_id,
-                    outcome: Outcome::Dead {
-                        reason: letter.reason,
-                    },
-                });
-            }
-        }
-        metrics::counter!(telemetry::JOBS_COMPLETED).increment(report.done as u64);
-        crate::telemetry::rates::record(
-            crate::telemetry::rates::Event::Completed,
-            report.done as u64,
-        );
-        crate::telemetry::rates::record(crate::telemetry::rates::Event::Failed, report.dead as u64);
-        self.outcomes.deliver(deliveries).await;
-        Ok(report)
-    }
-
     /// Splits a batch into requests to carry out and entries that go to the dead letters
     /// at once: undecodable ones, and ones delivered more than `MAX_DELIVERIES` times.
-    async fn triage(&self, stream: &str, entries: Vec<RawEntry>) -> (Vec<Decoded>, Vec<Dead>) {
+    async fn triage(
+        &self,
+        stream: &str,
+        entries: Vec<RawEntry>,
+        batch: &TraceSpan,
+    ) -> (Vec<Decoded>, Vec<Dead>) {
         let mut good = Vec::with_capacity(entries.len());
         let mut dead = Vec::new();
         for entry in entries {
             let decoded = EnsureRequest::decode(&entry);
+            let trace = self.entry_span(batch, &entry, decoded.as_ref().ok());
             if entry.deliveries > self.max_deliveries {
                 let history = self.status.failure_of(&self.queue, stream, &entry.id).await;
                 let reason = match &history {
@@ -307,23 +250,24 @@ impl WorkerContext {
                     ),
                     None => format!("gave up after {} deliveries", entry.deliveries - 1),
                 };
-                tracing::error!(entry_id = %entry.id, %reason, "entry dead-lettered");
-                let request = decoded.ok();
-                dead.push(Dead {
-                    letter: DeadLetter::new(entry, reason, history.as_ref()),
-                    request,
-                });
+                dead.push(Dead::new(
+                    entry,
+                    decoded.ok(),
+                    reason,
+                    history.as_ref(),
+                    trace,
+                ));
                 continue;
             }
             match decoded {
-                Ok(request) => good.push(Decoded { entry, request }),
+                Ok(request) => good.push(Decoded {
+                    entry,
+                    request,
+                    trace,
+                }),
                 Err(e) => {
                     let reason = format!("undecodable entry: {e}");
-                    tracing::error!(entry_id = %entry.id, %reason, "entry dead-lettered");
-                    dead.push(Dead {
-                        letter: DeadLetter::new(entry, reason, None),
-                        request: None,
-                    });
+                    dead.push(Dead::new(entry, None, reason, None, trace));
                 }
             }
         }
@@ -336,43 +280,23 @@ impl WorkerContext {
         reason: String,
         history: Option<&crate::queue::status::FailureHistory>,
     ) -> Dead {
-        tracing::error!(entry_id = %d.entry.id, request_id = %d.request.request_id, %reason, "request dead-lettered");
-        Dead {
-            letter: DeadLetter::new(d.entry, reason, history),
-            request: Some(d.request),
-        }
-    }
-
-    /// Waits (at most `timeout`) until `min` replicas hold what this connection wrote, the
-    /// finish included: a failover after that cannot bring the finished entries back, so
-    /// none is carried out a second time. Short of it, the entries are finished on the
-    /// primary all the same; a failover may then replay them (idempotently), which the
-    /// warning says.
-    async fn confirm_on_replicas(&self, stream: &str, min: usize, timeout: Duration) {
-        // A read of the stream's key first: on a Redis Cluster it routes the pipeline to the
-        // stream's node, whose connection carried the finish (WAIT is per connection).
-        let mut pipe = redis::pipe();
-        pipe.cmd("EXISTS").arg(stream).ignore();
-        pipe.cmd("WAIT").arg(min).arg(timeout.as_millis() as u64);
-        let mut conn = self.queue.clone();
-        let wait = pipe.query_async::<(i64,)>(&mut conn);
-        match tokio::time::timeout(timeout + Duration::from_secs(1), wait).await {
-            Ok(Ok((confirmed,))) if confirmed >= min as i64 => {}
-            other => tracing::warn!(
-                ?other,
-                min,
-                "finished entries not confirmed on replicas; a failover now may replay them"
-            ),
-        }
+        Dead::new(d.entry, Some(d.request), reason, history, d.trace)
     }
 
     /// Remembers a failed attempt: in the failure history (for dead letters) and in the
     /// requests' status records (`retrying`). Best effort: the queue may be what failed.
     /// Entries another consumer took over are theirs to describe.
-    async fn note_failure(&self, lease: &Lease, step: &str, in_flight: &[&Decoded], error: &str) {
+    async fn note_failure(
+        &self,
+        lease: &Lease,
+        step: &'static str,
+        in_flight: &[&Decoded],
+        error: &str,
+    ) {
         let entries = in_flight
             .iter()
             .filter(|d| !lease.is_lost(&d.entry.id))
+            .inspect(|d| trace::retried(&d.trace, step, error))
             .map(|d| {
                 let r = &d.request;
                 (
@@ -384,18 +308,5 @@ impl WorkerContext {
         self.status
             .note_failures(&self.queue, &lease.stream, step, error, entries)
             .await;
-    }
-}
-
-/// A small fixed set of dead-letter reasons, for metric labels.
-fn reason_kind(reason: &str) -> &'static str {
-    if reason.starts_with("undecodable") {
-        "undecodable"
-    } else if reason.starts_with(ENGINE_UNCONFIRMED) {
-        ENGINE_UNCONFIRMED
-    } else if reason.starts_with("gave up") {
-        "max_deliveries"
-    } else {
-        "refused"
     }
 }

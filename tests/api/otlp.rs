@@ -1,0 +1,270 @@
+//! An OTLP/HTTP receiver inside the test harness: it decodes the protobuf export requests the
+//! service sends with the protocol's own types, and keeps every span for the tests to read.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use prost::Message as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{eventually, set};
+
+/// One span as received, with ids in lowercase hex and values as text.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    pub name: String,
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty for a root span.
+    pub parent_span_id: String,
+    /// OTLP's `SpanKind`: 2 server, 5 consumer, 1 internal.
+    pub kind: i32,
+    pub attributes: BTreeMap<String, String>,
+    /// `(name, attributes)` in order.
+    pub events: Vec<(String, BTreeMap<String, String>)>,
+    /// `(trace id, span id)` of each link.
+    pub links: Vec<(String, String)>,
+    /// OTLP's `StatusCode`: 0 unset, 2 error.
+    pub status: i32,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// The exporting process's resource attributes.
+    pub resource: BTreeMap<String, String>,
+}
+
+impl ReceivedSpan {
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes.get(key).map(String::as_str)
+    }
+
+    pub fn has_event(&self, name: &str) -> bool {
+        self.events.iter().any(|(n, _)| n == name)
+    }
+}
+
+/// The receiver: `POST /v1/traces` on a free port of 127.0.0.1.
+pub struct Collector {
+    pub address: std::net::SocketAddr,
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    requests: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+/// How the receiver answers.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Answer {
+    /// 200 at once.
+    Promptly,
+    /// Never: every export request hangs (a collector that stalled).
+    Never,
+}
+
+impl Collector {
+    pub async fn start(answer: Answer) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let (kept, counted, stopped) = (spans.clone(), requests.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => continue,
+                    },
+                };
+                let (kept, counted, stopped) = (kept.clone(), counted.clone(), stopped.clone());
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (kept, counted, stopped) = (kept.clone(), counted.clone(), stopped.clone());
+                    async move {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let body = req.into_body().collect().await?.to_bytes();
+                        if answer == Answer::Never {
+                            stopped.cancelled().await;
+                        }
+                        let export = ExportTraceServiceRequest::decode(body)
+                            .expect("an OTLP/HTTP protobuf export request");
+                        kept.lock().unwrap().extend(flatten(export));
+                        Ok::<_, hyper::Error>(
+                            hyper::Response::builder()
+                                .header("content-type", "application/x-protobuf")
+                                .body(Full::new(Bytes::new()))
+                                .unwrap(),
+                        )
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        Self {
+            address,
+            spans,
+            requests,
+            stop,
+        }
+    }
+
+    /// The settings that make the service export here, promptly.
+    pub fn vars(&self, vars: &mut Vec<(String, String)>) {
+        set(
+            vars,
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            &format!("http://{}", self.address),
+        );
+        set(vars, "OTEL_BSP_SCHEDULE_DELAY", "100");
+        set(vars, "OTEL_SERVICE_NAME", "ensure-user-test");
+        set(
+            vars,
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment.name=test,team=platform%20core",
+        );
+    }
+
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    /// Export requests received (answered or not).
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the spans of `trace_id` satisfy `done`, and returns them.
+    pub async fn trace(
+        &self,
+        trace_id: &str,
+        what: &str,
+        done: impl Fn(&[ReceivedSpan]) -> bool,
+    ) -> Vec<ReceivedSpan> {
+        eventually(what, || async {
+            let spans: Vec<ReceivedSpan> = self
+                .spans()
+                .into_iter()
+                .filter(|s| s.trace_id == trace_id)
+                .collect();
+            done(&spans).then_some(spans)
+        })
+        .await
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn flatten(export: ExportTraceServiceRequest) -> Vec<ReceivedSpan> {
+    let mut out = Vec::new();
+    for resource_spans in export.resource_spans {
+        let resource = resource_spans
+            .resource
+            .map(|r| attributes(&r.attributes))
+            .unwrap_or_default();
+        for scope in resource_spans.scope_spans {
+            for span in scope.spans {
+                out.push(ReceivedSpan {
+                    name: span.name,
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent_span_id: hex(&span.parent_span_id),
+                    kind: span.kind,
+                    attributes: attributes(&span.attributes),
+                    events: span
+                        .events
+                        .iter()
+                        .map(|e| (e.name.clone(), attributes(&e.attributes)))
+                        .collect(),
+                    links: span
+                        .links
+                        .iter()
+                        .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
+                        .collect(),
+                    status: span.status.map(|s| s.code).unwrap_or(0),
+                    start_ns: span.start_time_unix_nano,
+                    end_ns: span.end_time_unix_nano,
+                    resource: resource.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+fn attributes(kvs: &[KeyValue]) -> BTreeMap<String, String> {
+    kvs.iter()
+        .map(|kv| (kv.key.clone(), text(kv.value.as_ref())))
+        .collect()
+}
+
+fn text(value: Option<&AnyValue>) -> String {
+    match value.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A trace drawn as text, one span per line, indented under its parent, with a bar for
+/// where it ran in the trace's time: what the README's Tracing section shows.
+pub fn waterfall(spans: &[ReceivedSpan]) -> String {
+    let start = spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
+    let end = spans
+        .iter()
+        .map(|s| s.end_ns)
+        .max()
+        .unwrap_or(start)
+        .max(start + 1);
+    let width = 40.0;
+    let mut lines = Vec::new();
+    let roots = spans
+        .iter()
+        .filter(|s| !spans.iter().any(|p| p.span_id == s.parent_span_id));
+    let mut stack: Vec<(&ReceivedSpan, usize)> = roots.map(|r| (r, 0)).collect();
+    stack.sort_by_key(|(s, _)| std::cmp::Reverse(s.start_ns));
+    while let Some((span, depth)) = stack.pop() {
+        let from = ((span.start_ns - start) as f64 / (end - start) as f64 * width) as usize;
+        let to =
+            (((span.end_ns - start) as f64 / (end - start) as f64 * width) as usize).max(from + 1);
+        let events: Vec<&str> = span.events.iter().map(|(n, _)| n.as_str()).collect();
+        lines.push(format!(
+            "{:<32} {:>9.3} ms |{}{}{}|{}",
+            format!("{}{}", "  ".repeat(depth), span.name),
+            (span.end_ns - span.start_ns) as f64 / 1e6,
+            " ".repeat(from),
+            "█".repeat(to - from),
+            " ".repeat((width as usize + 1).saturating_sub(to)),
+            if events.is_empty() {
+                String::new()
+            } else {
+                format!(" events: {}", events.join(", "))
+            },
+        ));
+        let mut children: Vec<_> = spans
+            .iter()
+            .filter(|c| c.parent_span_id == span.span_id)
+            .collect();
+        children.sort_by_key(|c| std::cmp::Reverse(c.start_ns));
+        stack.extend(children.into_iter().map(|c| (c, depth + 1)));
+    }
+    lines.join("\n")
+}
