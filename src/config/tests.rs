@@ -220,3 +220,68 @@ fn secrets_never_show_in_debug_output() {
     assert!(!shown.contains("admin-token-value-0123"), "{shown}");
     assert_eq!(c.admin_token.unwrap().as_bytes(), b"admin-token-value-0123");
 }
+
+#[test]
+fn traces_are_off_without_an_endpoint_and_follow_the_standard_variables() {
+    assert_eq!(with(&[]).unwrap().tracing, None);
+    let endpoint = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")];
+    let t = with(&endpoint).unwrap().tracing.unwrap();
+    assert_eq!(t.endpoint, "http://collector:4318/v1/traces");
+    assert_eq!(t.service_name, "ensure-user");
+    assert_eq!(t.sampler, TraceSampler::ParentBasedAlwaysOn);
+    assert_eq!((t.max_queue, t.max_batch), (2048, 512));
+    assert_eq!(t.schedule_delay, Duration::from_millis(5000));
+    let t = with(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://other:9999/traces",
+        ),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "service.name=from-attrs,team=a%2Cb",
+        ),
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+    ])
+    .unwrap()
+    .tracing
+    .unwrap();
+    assert_eq!(
+        t.endpoint, "http://other:9999/traces",
+        "the signal's URL as it is"
+    );
+    assert_eq!(t.service_name, "from-attrs");
+    assert_eq!(t.resource[1], ("team".to_string(), "a,b".to_string()));
+    assert_eq!(t.sampler, TraceSampler::ParentBasedTraceIdRatio(0.25));
+    let off = with(&[endpoint[0], ("OTEL_SDK_DISABLED", "true")]).unwrap();
+    assert_eq!(off.tracing, None);
+}
+
+#[test]
+fn bad_trace_settings_stop_the_process_naming_the_variable() {
+    let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318");
+    for (setting, value) in [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "not a url"),
+        ("OTEL_TRACES_SAMPLER", "sometimes"),
+        ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
+        ("OTEL_TRACES_SAMPLER_ARG", "half"),
+        ("OTEL_RESOURCE_ATTRIBUTES", "novalue"),
+        ("OTEL_RESOURCE_ATTRIBUTES", "=x"),
+        ("OTEL_RESOURCE_ATTRIBUTES", "k=%zz"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4096"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "soon"),
+        ("OTEL_SDK_DISABLED", "maybe"),
+    ] {
+        let mut vars = vec![endpoint, (setting, value)];
+        if setting == "OTEL_TRACES_SAMPLER_ARG" {
+            vars.push(("OTEL_TRACES_SAMPLER", "traceidratio"));
+        }
+        let err = with(&vars).expect_err(value);
+        assert_eq!(err.setting, setting, "{value:?}: {err}");
+    }
+}
