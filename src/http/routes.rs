@@ -62,8 +62,8 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> HttpRespons
     // without it copies nothing.
     let cors_headers = state.cors.is_enabled().then(|| cors_request_headers(&req));
     // Only the ensure flow is traced: health checks and scrapes would drown it.
-    let trace = match route {
-        "ensure" => state.tracing.server_span("ensure", req.headers()),
+    let trace = match (route, req.method()) {
+        ("ensure", &Method::POST) => state.tracing.server_span("ensure", req.headers()),
         _ => TraceSpan::default(),
     };
     let mut response = match dispatch(&state, req, &trace)

@@ -29,6 +29,8 @@ pub struct ReceivedSpan {
     pub attributes: BTreeMap<String, String>,
     /// `(name, attributes)` in order.
     pub events: Vec<(String, BTreeMap<String, String>)>,
+    /// When each event happened (Unix ns), in the same order.
+    pub event_times_ns: Vec<u64>,
     /// `(trace id, span id)` of each link.
     pub links: Vec<(String, String)>,
     /// OTLP's `StatusCode`: 0 unset, 2 error.
@@ -188,6 +190,7 @@ fn flatten(export: ExportTraceServiceRequest) -> Vec<ReceivedSpan> {
                         .iter()
                         .map(|e| (e.name.clone(), attributes(&e.attributes)))
                         .collect(),
+                    event_times_ns: span.events.iter().map(|e| e.time_unix_nano).collect(),
                     links: span
                         .links
                         .iter()
@@ -267,4 +270,102 @@ pub fn waterfall(spans: &[ReceivedSpan]) -> String {
         stack.extend(children.into_iter().map(|c| (c, depth + 1)));
     }
     lines.join("\n")
+}
+
+/// The same drawing as [`waterfall`], as an SVG: one row per span (the trace's, then the
+/// linked batch spans below a rule), a bar for when it ran, a dot per event.
+pub fn svg_waterfall(title: &str, spans: &[ReceivedSpan], linked: &[ReceivedSpan]) -> String {
+    let all: Vec<&ReceivedSpan> = spans.iter().chain(linked).collect();
+    let start = all.iter().map(|s| s.start_ns).min().unwrap_or(0);
+    let end = all
+        .iter()
+        .map(|s| s.end_ns)
+        .max()
+        .unwrap_or(start)
+        .max(start + 1);
+    let (left, width, row) = (260.0, 560.0, 26.0);
+    let x = |ns: u64| left + (ns - start) as f64 / (end - start) as f64 * width;
+    let mut rows: Vec<(usize, &ReceivedSpan)> = Vec::new();
+    let mut stack: Vec<(&ReceivedSpan, usize)> = spans
+        .iter()
+        .filter(|s| !spans.iter().any(|p| p.span_id == s.parent_span_id))
+        .map(|s| (s, 0))
+        .collect();
+    while let Some((span, depth)) = stack.pop() {
+        rows.push((depth, span));
+        let mut children: Vec<_> = spans
+            .iter()
+            .filter(|c| c.parent_span_id == span.span_id)
+            .collect();
+        children.sort_by_key(|c| std::cmp::Reverse(c.start_ns));
+        stack.extend(children.into_iter().map(|c| (c, depth + 1)));
+    }
+    let trace_rows = rows.len();
+    rows.extend(linked.iter().map(|s| (0, s)));
+    let height = 60.0 + row * (rows.len() as f64 + 1.0);
+    let mut out = format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="monospace" font-size="12">
+<rect width="100%" height="100%" fill="#ffffff"/>
+<text x="10" y="22" font-size="14" font-weight="bold">{title}</text>
+<text x="{left}" y="44" fill="#666">0 ms</text><text x="{r}" y="44" fill="#666" text-anchor="end">{total:.1} ms</text>
+"##,
+        w = left + width + 120.0,
+        r = left + width,
+        total = (end - start) as f64 / 1e6,
+    );
+    for (i, (depth, span)) in rows.iter().enumerate() {
+        let y = 60.0 + row * i as f64 + if i >= trace_rows { row } else { 0.0 };
+        if i == trace_rows {
+            out += &format!(
+                r##"<line x1="10" x2="{x2}" y1="{l}" y2="{l}" stroke="#999" stroke-dasharray="4"/><text x="10" y="{t}" fill="#666">linked (a trace of its own):</text>
+"##,
+                x2 = left + width + 110.0,
+                l = y - row * 0.75,
+                t = y - row * 0.15,
+            );
+        }
+        let colour = match span.name.as_str() {
+            "ensure" => "#4e79a7",
+            "ensure.process" => "#f28e2b",
+            "ensure.batch" => "#bab0ac",
+            _ => "#59a14f",
+        };
+        let (x0, x1) = (x(span.start_ns), x(span.end_ns).max(x(span.start_ns) + 2.0));
+        out += &format!(
+            r##"<text x="{tx}" y="{ty}">{name}</text><rect x="{x0:.1}" y="{ry}" width="{w:.1}" height="16" fill="{colour}" rx="2"/><text x="{dx}" y="{ty}" fill="#333">{ms:.2} ms</text>
+"##,
+            tx = 10.0 + 16.0 * *depth as f64,
+            ty = y + 12.0,
+            name = span.name,
+            ry = y,
+            w = x1 - x0,
+            dx = left + width + 8.0,
+            ms = (span.end_ns - span.start_ns) as f64 / 1e6,
+        );
+        // One dot per event, where it happened; the label once per name.
+        let mut labelled = std::collections::BTreeSet::new();
+        for ((name, _), at) in span.events.iter().zip(&span.event_times_ns) {
+            let ex = x(*at);
+            out += &format!(
+                r##"<circle cx="{ex:.1}" cy="{cy}" r="4" fill="#e15759"/>
+"##,
+                cy = y + 8.0,
+            );
+            if labelled.insert(name.as_str()) {
+                let count = span.events.iter().filter(|(n, _)| n == name).count();
+                out += &format!(
+                    r##"<text x="{lx:.1}" y="{ty}" fill="#e15759">{name}{times}</text>
+"##,
+                    lx = ex + 7.0,
+                    ty = y + 12.0,
+                    times = if count > 1 {
+                        format!(" ×{count}")
+                    } else {
+                        String::new()
+                    },
+                );
+            }
+        }
+    }
+    out + "</svg>\n"
 }

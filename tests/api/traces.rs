@@ -6,7 +6,7 @@ use ensure_user::Mode;
 use serde_json::Value;
 
 use crate::helpers::*;
-use crate::otlp::{waterfall, Answer, Collector, ReceivedSpan};
+use crate::otlp::{svg_waterfall, waterfall, Answer, Collector, ReceivedSpan};
 
 /// The caller's trace and span (a browser's or a gateway's), as a W3C `traceparent`.
 const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -156,6 +156,21 @@ async fn serve_continues_the_callers_trace_through_the_queue_to_the_engine_publi
         expected_command("traced-1", "traced-1@example.com", request_id)
     );
     println!("{}", waterfall(&spans));
+    picture(
+        "serve-200",
+        "a request answered 200 by serve",
+        &spans,
+        &[batch],
+    );
+}
+
+/// With `TRACE_PICTURE=<folder>`, draws the trace as `<folder>/trace-<name>.svg` (the
+/// README's pictures: `TRACE_PICTURE=docs cargo test --test api traces::`).
+fn picture(name: &str, title: &str, spans: &[ReceivedSpan], linked: &[ReceivedSpan]) {
+    if let Some(folder) = std::env::var_os("TRACE_PICTURE") {
+        let path = std::path::Path::new(&folder).join(format!("trace-{name}.svg"));
+        std::fs::write(&path, svg_waterfall(title, spans, linked)).unwrap();
+    }
 }
 
 #[tokio::test]
@@ -237,6 +252,22 @@ async fn a_retried_entry_carries_retry_events() {
     );
     assert!(retries[0].1.contains_key("error.message"));
     println!("{}", waterfall(&spans));
+    let ensure = named(&spans, "ensure")[0].clone();
+    let batches: Vec<ReceivedSpan> = collector
+        .spans()
+        .into_iter()
+        .filter(|s| {
+            s.name == "ensure.batch"
+                && s.links
+                    .contains(&(ensure.trace_id.clone(), ensure.span_id.clone()))
+        })
+        .collect();
+    picture(
+        "engine-retry",
+        "a request whose Engine was down for a moment (202, retried, done)",
+        &spans,
+        &batches,
+    );
 }
 
 #[tokio::test]
