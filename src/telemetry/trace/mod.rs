@@ -189,27 +189,33 @@ impl TraceSpan {
         self.live.as_ref().map(|(cx, _)| cx)
     }
 
+    /// The context of a span that records: a span the sampler dropped takes no attributes
+    /// or events, so their closures need not run.
+    fn recording(&self) -> Option<&Context> {
+        self.context().filter(|cx| cx.span().is_recording())
+    }
+
     pub fn is_on(&self) -> bool {
         self.live.is_some()
     }
 
     /// Adds attributes; `attributes` only runs when the span is live.
     pub fn set(&self, attributes: impl FnOnce() -> Vec<KeyValue>) {
-        if let Some(cx) = self.context() {
+        if let Some(cx) = self.recording() {
             cx.span().set_attributes(attributes());
         }
     }
 
     /// Records an event (a retry, a re-claim, a dead letter) with its attributes.
     pub fn event(&self, name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) {
-        if let Some(cx) = self.context() {
+        if let Some(cx) = self.recording() {
             cx.span().add_event(name, attributes());
         }
     }
 
     /// Marks the span failed, with why.
     pub fn fail(&self, why: impl FnOnce() -> String) {
-        if let Some(cx) = self.context() {
+        if let Some(cx) = self.recording() {
             cx.span().set_status(Status::error(why()));
         }
     }

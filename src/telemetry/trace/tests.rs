@@ -157,3 +157,24 @@ impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for Buffer {
         self.clone()
     }
 }
+
+/// A caller that did not sample its trace: the context still crosses the queue (flags 00),
+/// nothing downstream records, and no attribute or event is ever built.
+#[test]
+fn an_unsampled_caller_is_followed_through_the_queue() {
+    let tracing = live();
+    let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+    let span = tracing.server_span("ensure", &headers(&[("traceparent", unsampled)]));
+    span.set(|| panic!("an unsampled span takes no attributes"));
+    span.event("coalesced", || panic!("nor events"));
+    let carried = span.carried().unwrap();
+    assert!(carried.ends_with("-00"), "{carried}");
+    let batch = tracing.linked_span("batch", [Some(carried.as_str())].into_iter(), Vec::new);
+    let entry = tracing.continued_span("entry", Some(&carried), &batch, Vec::new);
+    assert_eq!(
+        ids_of(&entry).unwrap().0,
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    entry.event("retry", || panic!("the entry does not record either"));
+    entry.child("store").set(|| panic!("nor its steps"));
+}
