@@ -354,7 +354,7 @@ pub fn svg_waterfall(title: &str, spans: &[ReceivedSpan], linked: &[ReceivedSpan
             if labelled.insert(name.as_str()) {
                 let count = span.events.iter().filter(|(n, _)| n == name).count();
                 out += &format!(
-                    r##"<text x="{lx:.1}" y="{ty}" fill="#e15759">{name}{times}</text>
+                    r##"<text x="{lx:.1}" y="{ty}" fill="#b8282b" font-weight="bold" paint-order="stroke" stroke="#ffffff" stroke-width="3">{name}{times}</text>
 "##,
                     lx = ex + 7.0,
                     ty = y + 12.0,

@@ -86,6 +86,10 @@ fn assert_one_trace(spans: &[ReceivedSpan], request_id: &str, user: &str, outcom
             steps[0].parent_span_id, process.span_id,
             "{step} is the entry's step"
         );
+        assert!(
+            process.start_ns <= steps[0].start_ns && steps[0].end_ns <= process.end_ns,
+            "{step} runs within the entry's span: {spans:#?}"
+        );
     }
     assert!(
         process.links.iter().any(|(t, _)| t != &ensure.trace_id),
@@ -173,6 +177,34 @@ fn picture(name: &str, title: &str, spans: &[ReceivedSpan], linked: &[ReceivedSp
     }
 }
 
+/// With `ENGINE_CONFIRM=ack` the Engine step lasts until the Engine's reply, and ends
+/// with the entry.
+#[tokio::test]
+async fn the_engine_step_waits_for_the_engines_reply_in_ack_mode() {
+    let collector = Collector::start(Answer::Promptly).await;
+    let app = spawn_app_with(|v| {
+        collector.vars(v);
+        set(v, "ENGINE_CONFIRM", "ack");
+    })
+    .await;
+    let _engine = start_stub(&app, false);
+    let (status, body) = ensure_with(&app, "traced-ack", &[("traceparent", &traceparent())]).await;
+    assert_eq!(status, 200, "{body}");
+    let spans = collector
+        .trace(CALLER_TRACE, "the acknowledged request's trace", |s| {
+            ["ensure", "ensure.process", "store", "engine"]
+                .iter()
+                .all(|n| s.iter().any(|x| &x.name == n))
+        })
+        .await;
+    assert_one_trace(
+        &spans,
+        body["requestId"].as_str().unwrap(),
+        "traced-ack",
+        "done",
+    );
+}
+
 #[tokio::test]
 async fn listen_and_work_in_two_processes_share_one_trace() {
     let collector = Collector::start(Answer::Promptly).await;
@@ -226,8 +258,20 @@ async fn a_retried_entry_carries_retry_events() {
     app.engine.stop();
     let (status, body) = ensure_with(&app, "traced-3", &[("traceparent", &traceparent())]).await;
     assert_eq!(status, 202, "{body}");
-    eventually("a failed attempt", || async {
-        (!app.first_failures().await.is_empty()).then_some(())
+    // Failing for at least 400 ms: several attempts, so several retry events.
+    eventually("attempts failing for 400 ms", || async {
+        let mut conn = app.queue.conn().await;
+        // `<entry>:first` is a time in ms; `<entry>:last` is "<ms> <step>: <error>".
+        let history: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg("stream:ensure-user:failures")
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        let at = |suffix: &str| -> Option<u64> {
+            let (_, value) = history.iter().find(|(k, _)| k.ends_with(suffix))?;
+            value.split(' ').next()?.parse().ok()
+        };
+        (at(":last")? >= at(":first")? + 400).then_some(())
     })
     .await;
     app.engine.restart().await;

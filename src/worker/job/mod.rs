@@ -80,6 +80,9 @@ pub struct BatchReport {
 struct Decoded {
     entry: RawEntry,
     request: EnsureRequest,
+    /// The step under way (store, Engine), a child of `trace`; declared first, so it ends
+    /// before the entry's span when the entry is dropped (finished).
+    step: TraceSpan,
     /// The entry's span, continuing its request's trace (empty when traces are off).
     trace: TraceSpan,
 }
@@ -169,13 +172,13 @@ impl WorkerContext {
     ) -> Result<BatchReport, JobError> {
         let started = Instant::now();
         let stream = lease.stream.as_str();
-        let (good, mut dead) = self.triage(stream, entries, batch).await;
+        let (mut good, mut dead) = self.triage(stream, entries, batch).await;
 
         // 1. Store.
         let mut stored: Vec<Stored> = Vec::with_capacity(good.len());
-        let store_spans = trace::step_spans("store", good.iter().map(|d| &d.trace));
+        good.iter_mut().for_each(|d| d.begin_step("store"));
         let stored_or_refused = self.store_step(lease, &good).await?;
-        drop(store_spans);
+        good.iter_mut().for_each(Decoded::end_step);
         match stored_or_refused {
             Ok(resolutions) => {
                 for (d, resolution) in good.into_iter().zip(resolutions) {
@@ -201,12 +204,14 @@ impl WorkerContext {
         );
 
         // 2. Tell the Engine, with the canonical id; 3. finish; 4. tell whoever waits.
-        let engine_spans = trace::step_spans("engine", stored.iter().map(|(d, _)| &d.trace));
+        stored.iter_mut().for_each(|(d, _)| d.begin_step("engine"));
         let report = match &self.confirm {
             None => {
                 self.publish(lease, &stored).await?;
+                stored.iter_mut().for_each(|(d, _)| d.end_step());
                 self.finish(lease, stored, dead).await?
             }
+            // Each entry's Engine step ends when the Engine confirms it (and it is finished).
             Some(confirm) => {
                 // Dead entries need no Engine: finish them now rather than after the rest.
                 let mut report = self.finish(lease, Vec::new(), dead).await?;
@@ -216,7 +221,6 @@ impl WorkerContext {
                 report
             }
         };
-        drop(engine_spans);
         metrics::histogram!(telemetry::BATCH_SIZE).record((report.done + report.dead) as f64);
         tracing::debug!(
             done = report.done,
@@ -263,6 +267,7 @@ impl WorkerContext {
                 Ok(request) => good.push(Decoded {
                     entry,
                     request,
+                    step: TraceSpan::default(),
                     trace,
                 }),
                 Err(e) => {

@@ -3,7 +3,7 @@
 //! Engine); retries, re-deliveries and dead letters as events. All of it is skipped, with
 //! nothing allocated, when traces are off.
 
-use super::WorkerContext;
+use super::{Decoded, WorkerContext};
 use crate::connection::RawEntry;
 use crate::queue::ingress::{fields, EnsureRequest};
 use crate::queue::lease::Lease;
@@ -68,16 +68,15 @@ impl WorkerContext {
     }
 }
 
-/// One child span per entry for a step; dropping the list ends them. Empty (no allocation)
-/// when traces are off.
-pub(super) fn step_spans<'a>(
-    name: &'static str,
-    entries: impl Iterator<Item = &'a TraceSpan>,
-) -> Vec<TraceSpan> {
-    entries
-        .filter(|t| t.is_on())
-        .map(|t| t.child(name))
-        .collect()
+impl Decoded {
+    /// Starts the entry's `name` step (a child of its span; nothing when traces are off).
+    pub(super) fn begin_step(&mut self, name: &'static str) {
+        self.step = self.trace.child(name);
+    }
+
+    pub(super) fn end_step(&mut self) {
+        self.step = TraceSpan::default();
+    }
 }
 
 /// A failed attempt at `step`, to be retried.
