@@ -403,3 +403,61 @@ async fn a_stalled_collector_costs_dropped_spans_never_an_answer() {
     assert!(collector.requests() >= 1, "the exporter did try");
     println!("dropped {dropped} spans");
 }
+
+/// An entry its first consumer left pending (it died) is re-claimed after `CLAIM_IDLE_MS`:
+/// its span, in the trace the entry carries, says so.
+#[tokio::test]
+async fn a_reclaimed_entry_says_so_in_its_trace() {
+    let collector = Collector::start(Answer::Promptly).await;
+    let (queue, engine) = (RedisServer::start().await, RedisServer::start().await);
+    let stream = "stream:ensure-user";
+    queue.create_group(stream).await;
+    let mut conn = queue.conn().await;
+    let _: String = redis::cmd("XADD")
+        .arg(stream)
+        .arg("*")
+        .arg(&[
+            ("request_id", "reclaimed-request"),
+            ("user_id", "traced-reclaim"),
+            ("email", "traced-reclaim@example.com"),
+            ("reply_to", ""),
+            ("enqueued_at", "1700000000000"),
+            ("trace", traceparent().as_str()),
+        ])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(queue.read_as(stream, "consumer-that-died").await.len(), 1);
+
+    let app = spawn_app_on(
+        queue,
+        engine,
+        tempfile::tempdir().unwrap(),
+        Mode::Serve,
+        |v| {
+            collector.vars(v);
+            set(v, "CLAIM_IDLE_MS", "1000");
+        },
+    )
+    .await;
+    let spans = collector
+        .trace(CALLER_TRACE, "the re-claimed entry's span", |s| {
+            !named(s, "ensure.process").is_empty()
+        })
+        .await;
+    let process = named(&spans, "ensure.process")[0];
+    assert_eq!(
+        process.parent_span_id, CALLER_SPAN,
+        "the context the entry carried"
+    );
+    let reclaimed = process.events.iter().find(|(n, _)| n == "reclaimed");
+    assert_eq!(
+        reclaimed
+            .and_then(|(_, a)| a.get("ensure_user.deliveries"))
+            .map(String::as_str),
+        Some("2"),
+        "{:?}",
+        process.events
+    );
+    app.wait_for_engine_entries(1).await;
+}

@@ -57,7 +57,7 @@ impl WorkerContext {
         if entry.deliveries > 1 {
             // Read before: its consumer died or stalled past CLAIM_IDLE_MS, or this one
             // restarted; either way, an earlier attempt may have done part of the work.
-            span.event("redelivered", || {
+            span.event("reclaimed", || {
                 vec![Attribute::new(
                     "ensure_user.deliveries",
                     entry.deliveries as i64,
