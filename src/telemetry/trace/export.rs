@@ -3,15 +3,17 @@
 //! does ever waits for the exporter.
 //!
 //! The SDK's batch processor does the same but keeps its drop count to itself; operators
-//! need it as a metric (`ensure_user_trace_spans_dropped_total`).
+//! need it as a metric (`ensure_user_trace_spans_dropped_total`). Finishing a span only
+//! pushes it under a short lock: the export thread is woken when a batch is full (or by
+//! its timer), not once per span, so tracing costs the request threads no wake-ups.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use opentelemetry::Context;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter as _, SpanProcessor};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::config::TraceSettings;
 use crate::telemetry::{TRACE_SPANS_DROPPED, TRACE_SPANS_EXPORTED};
@@ -20,9 +22,18 @@ type Exporter = opentelemetry_otlp::SpanExporter;
 
 /// A finished-span processor with a bounded queue and one export thread.
 pub(super) struct SpanQueue {
-    spans: mpsc::Sender<SpanData>,
+    shared: Arc<Shared>,
     control: mpsc::UnboundedSender<Control>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// What the request threads and the export thread share.
+struct Shared {
+    queued: Mutex<Vec<SpanData>>,
+    /// A batch is ready: wakes the export thread before its timer.
+    batch_ready: Notify,
+    max_queue: usize,
+    max_batch: usize,
 }
 
 /// Asks of the export thread, each answered once done.
@@ -34,25 +45,31 @@ enum Control {
 impl std::fmt::Debug for SpanQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SpanQueue")
-            .field("capacity", &self.spans.max_capacity())
+            .field("max_queue", &self.shared.max_queue)
             .finish()
     }
 }
 
 impl SpanQueue {
     pub(super) fn start(exporter: Exporter, settings: &TraceSettings) -> anyhow::Result<Self> {
-        let (spans, queued) = mpsc::channel(settings.max_queue);
+        let shared = Arc::new(Shared {
+            queued: Mutex::new(Vec::with_capacity(settings.max_batch)),
+            batch_ready: Notify::new(),
+            max_queue: settings.max_queue,
+            max_batch: settings.max_batch,
+        });
         let (control, asked) = mpsc::unbounded_channel();
-        let (max_batch, delay) = (settings.max_batch, settings.schedule_delay);
+        let delay = settings.schedule_delay;
         // Its own runtime on its own thread: a slow collector never takes a worker thread.
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let for_thread = shared.clone();
         let thread = std::thread::Builder::new()
             .name("trace-export".into())
-            .spawn(move || runtime.block_on(run(exporter, queued, asked, max_batch, delay)))?;
+            .spawn(move || runtime.block_on(run(exporter, for_thread, asked, delay)))?;
         Ok(Self {
-            spans,
+            shared,
             control,
             thread: Mutex::new(Some(thread)),
         })
@@ -81,8 +98,18 @@ impl SpanProcessor for SpanQueue {
         if !span.span_context.is_sampled() {
             return;
         }
-        if self.spans.try_send(span).is_err() {
+        let shared = &self.shared;
+        let mut queued = lock(&shared.queued);
+        if queued.len() >= shared.max_queue {
+            drop(queued);
             metrics::counter!(TRACE_SPANS_DROPPED, "reason" => "queue_full").increment(1);
+            return;
+        }
+        queued.push(span);
+        let ready = queued.len() == shared.max_batch;
+        drop(queued);
+        if ready {
+            shared.batch_ready.notify_one();
         }
     }
 
@@ -93,7 +120,7 @@ impl SpanProcessor for SpanQueue {
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
         let answer = self.ask(Control::Shutdown, timeout);
         if answer.is_ok() {
-            if let Some(thread) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            if let Some(thread) = lock(&self.thread).take() {
                 let _ = thread.join();
             }
         }
@@ -101,65 +128,63 @@ impl SpanProcessor for SpanQueue {
     }
 }
 
-/// The export thread: a batch goes out when full, when it has waited `delay`, and when
-/// asked (flush, shutdown).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The export thread: what is queued goes out when a batch is full, when the timer
+/// (`OTEL_BSP_SCHEDULE_DELAY`) fires, and when asked (flush, shutdown).
 async fn run(
     exporter: Exporter,
-    mut queued: mpsc::Receiver<SpanData>,
+    shared: Arc<Shared>,
     mut asked: mpsc::UnboundedReceiver<Control>,
-    max_batch: usize,
     delay: Duration,
 ) {
-    let mut batch = Vec::with_capacity(max_batch);
     let mut failures = Failures::default();
     let mut tick = tokio::time::interval(delay);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let control = tokio::select! {
             biased;
-            control = asked.recv() => {
-                while let Ok(span) = queued.try_recv() {
-                    batch.push(span);
-                    if batch.len() >= max_batch {
-                        send(&exporter, &mut batch, &mut failures).await;
-                    }
-                }
-                send(&exporter, &mut batch, &mut failures).await;
-                match control {
-                    Some(Control::Flush(done)) => drop(done.send(())),
-                    Some(Control::Shutdown(done)) => {
-                        let _ = exporter.shutdown();
-                        let _ = done.send(());
-                        return;
-                    }
-                    None => return,
-                }
+            control = asked.recv() => Some(control),
+            _ = shared.batch_ready.notified() => None,
+            _ = tick.tick() => None,
+        };
+        let queued = std::mem::take(&mut *lock(&shared.queued));
+        send(&exporter, queued, shared.max_batch, &mut failures).await;
+        match control {
+            None => {}
+            Some(Some(Control::Flush(done))) => drop(done.send(())),
+            Some(Some(Control::Shutdown(done))) => {
+                let _ = exporter.shutdown();
+                let _ = done.send(());
+                return;
             }
-            span = queued.recv() => match span {
-                Some(span) => {
-                    batch.push(span);
-                    if batch.len() >= max_batch {
-                        send(&exporter, &mut batch, &mut failures).await;
-                    }
-                }
-                None => return send(&exporter, &mut batch, &mut failures).await,
-            },
-            _ = tick.tick() => send(&exporter, &mut batch, &mut failures).await,
+            // Every sender is gone: the processor was dropped.
+            Some(None) => return,
         }
     }
 }
 
-async fn send(exporter: &Exporter, batch: &mut Vec<SpanData>, failures: &mut Failures) {
-    if batch.is_empty() {
-        return;
-    }
-    let count = batch.len() as u64;
-    match exporter.export(std::mem::take(batch)).await {
-        Ok(()) => metrics::counter!(TRACE_SPANS_EXPORTED).increment(count),
-        Err(e) => {
-            metrics::counter!(TRACE_SPANS_DROPPED, "reason" => "export_failed").increment(count);
-            failures.note(count, &e);
+/// Exports `spans` in batches of at most `max_batch`, oldest first.
+async fn send(
+    exporter: &Exporter,
+    mut spans: Vec<SpanData>,
+    max_batch: usize,
+    failures: &mut Failures,
+) {
+    while !spans.is_empty() {
+        let rest = spans.split_off(spans.len().min(max_batch));
+        let count = spans.len() as u64;
+        match exporter.export(spans).await {
+            Ok(()) => metrics::counter!(TRACE_SPANS_EXPORTED).increment(count),
+            Err(e) => {
+                metrics::counter!(TRACE_SPANS_DROPPED, "reason" => "export_failed")
+                    .increment(count);
+                failures.note(count, &e);
+            }
         }
+        spans = rest;
     }
 }
 

@@ -242,13 +242,14 @@ impl TraceSpan {
     }
 
     /// A `tracing` span whose fields put this span's `trace_id` and `span_id` on every log
-    /// line written inside it (text and JSON); a disabled span when traces are off.
+    /// line written inside it (text and JSON); a disabled span when traces are off. At the
+    /// error level, so that `RUST_LOG=warn` (which would disable an info span) keeps them.
     pub fn log_span(&self) -> tracing::Span {
         match self.context() {
             Some(cx) => {
                 let span = cx.span();
                 let ids = span.span_context();
-                tracing::info_span!(
+                tracing::error_span!(
                     "trace",
                     trace_id = %ids.trace_id(),
                     span_id = %ids.span_id()

@@ -104,14 +104,16 @@ fn log_lines_carry_trace_and_span_ids() {
     let tracing = live();
     let span = tracing.server_span("ensure", &headers(&[("traceparent", PARENT)]));
     let (trace_id, span_id) = ids_of(&span).unwrap();
-    for format in [
-        crate::config::LogFormat::Text,
-        crate::config::LogFormat::Json,
+    for (format, level) in [
+        (crate::config::LogFormat::Text, "info"),
+        (crate::config::LogFormat::Json, "info"),
+        (crate::config::LogFormat::Text, "warn"),
+        (crate::config::LogFormat::Json, "warn"),
     ] {
         let buffer = Buffer::default();
         let subscriber = crate::telemetry::log_subscriber(
             format,
-            tracing_subscriber::EnvFilter::new("info"),
+            tracing_subscriber::EnvFilter::new(level),
             false,
             buffer.clone(),
         );
@@ -122,7 +124,7 @@ fn log_lines_carry_trace_and_span_ids() {
         assert!(line.contains("inside"), "{line}");
         assert!(
             line.contains(&trace_id) && line.contains(&span_id),
-            "{format:?}: {line}"
+            "{format:?} at {level}: {line}"
         );
         if format == crate::config::LogFormat::Json {
             let value: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
