@@ -227,79 +227,74 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A trace drawn as text, one span per line, indented under its parent, with a bar for
-/// where it ran in the trace's time: what the README's Tracing section shows.
-pub fn waterfall(spans: &[ReceivedSpan]) -> String {
-    let start = spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
-    let end = spans
-        .iter()
-        .map(|s| s.end_ns)
-        .max()
-        .unwrap_or(start)
-        .max(start + 1);
-    let width = 40.0;
-    let mut lines = Vec::new();
+/// The spans of a trace in tree order, each with its depth (roots first, children by start).
+fn tree(spans: &[ReceivedSpan]) -> Vec<(usize, &ReceivedSpan)> {
+    fn by_start_desc(mut spans: Vec<&ReceivedSpan>) -> Vec<&ReceivedSpan> {
+        spans.sort_by_key(|s| std::cmp::Reverse(s.start_ns));
+        spans
+    }
     let roots = spans
         .iter()
-        .filter(|s| !spans.iter().any(|p| p.span_id == s.parent_span_id));
-    let mut stack: Vec<(&ReceivedSpan, usize)> = roots.map(|r| (r, 0)).collect();
-    stack.sort_by_key(|(s, _)| std::cmp::Reverse(s.start_ns));
+        .filter(|s| !spans.iter().any(|p| p.span_id == s.parent_span_id))
+        .collect();
+    let mut stack: Vec<(&ReceivedSpan, usize)> =
+        by_start_desc(roots).into_iter().map(|r| (r, 0)).collect();
+    let mut rows = Vec::new();
     while let Some((span, depth)) = stack.pop() {
-        let from = ((span.start_ns - start) as f64 / (end - start) as f64 * width) as usize;
-        let to =
-            (((span.end_ns - start) as f64 / (end - start) as f64 * width) as usize).max(from + 1);
-        let events: Vec<&str> = span.events.iter().map(|(n, _)| n.as_str()).collect();
-        lines.push(format!(
-            "{:<32} {:>9.3} ms |{}{}{}|{}",
-            format!("{}{}", "  ".repeat(depth), span.name),
-            (span.end_ns - span.start_ns) as f64 / 1e6,
-            " ".repeat(from),
-            "█".repeat(to - from),
-            " ".repeat((width as usize + 1).saturating_sub(to)),
-            if events.is_empty() {
-                String::new()
-            } else {
-                format!(" events: {}", events.join(", "))
-            },
-        ));
-        let mut children: Vec<_> = spans
+        rows.push((depth, span));
+        let children = spans
             .iter()
             .filter(|c| c.parent_span_id == span.span_id)
             .collect();
-        children.sort_by_key(|c| std::cmp::Reverse(c.start_ns));
-        stack.extend(children.into_iter().map(|c| (c, depth + 1)));
+        stack.extend(by_start_desc(children).into_iter().map(|c| (c, depth + 1)));
     }
-    lines.join("\n")
+    rows
+}
+
+/// When the first of `spans` started and the last ended (ns; never an empty range).
+fn time_range<'a>(spans: impl Iterator<Item = &'a ReceivedSpan> + Clone) -> (u64, u64) {
+    let start = spans.clone().map(|s| s.start_ns).min().unwrap_or(0);
+    let end = spans.map(|s| s.end_ns).max().unwrap_or(start);
+    (start, end.max(start + 1))
+}
+
+/// A trace drawn as text, one span per line, indented under its parent, with a bar for
+/// where it ran in the trace's time (`--nocapture` shows it).
+pub fn waterfall(spans: &[ReceivedSpan]) -> String {
+    let (start, end) = time_range(spans.iter());
+    let width = 40.0;
+    let column = |ns: u64| ((ns - start) as f64 / (end - start) as f64 * width) as usize;
+    tree(spans)
+        .into_iter()
+        .map(|(depth, span)| {
+            let (from, to) = (column(span.start_ns), column(span.end_ns));
+            let to = to.max(from + 1);
+            let events: Vec<&str> = span.events.iter().map(|(n, _)| n.as_str()).collect();
+            format!(
+                "{:<32} {:>9.3} ms |{}{}{}|{}",
+                format!("{}{}", "  ".repeat(depth), span.name),
+                (span.end_ns - span.start_ns) as f64 / 1e6,
+                " ".repeat(from),
+                "█".repeat(to - from),
+                " ".repeat((width as usize + 1).saturating_sub(to)),
+                if events.is_empty() {
+                    String::new()
+                } else {
+                    format!(" events: {}", events.join(", "))
+                },
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The same drawing as [`waterfall`], as an SVG: one row per span (the trace's, then the
 /// linked batch spans below a rule), a bar for when it ran, a dot per event.
 pub fn svg_waterfall(title: &str, spans: &[ReceivedSpan], linked: &[ReceivedSpan]) -> String {
-    let all: Vec<&ReceivedSpan> = spans.iter().chain(linked).collect();
-    let start = all.iter().map(|s| s.start_ns).min().unwrap_or(0);
-    let end = all
-        .iter()
-        .map(|s| s.end_ns)
-        .max()
-        .unwrap_or(start)
-        .max(start + 1);
+    let (start, end) = time_range(spans.iter().chain(linked));
     let (left, width, row) = (260.0, 560.0, 26.0);
     let x = |ns: u64| left + (ns - start) as f64 / (end - start) as f64 * width;
-    let mut rows: Vec<(usize, &ReceivedSpan)> = Vec::new();
-    let mut stack: Vec<(&ReceivedSpan, usize)> = spans
-        .iter()
-        .filter(|s| !spans.iter().any(|p| p.span_id == s.parent_span_id))
-        .map(|s| (s, 0))
-        .collect();
-    while let Some((span, depth)) = stack.pop() {
-        rows.push((depth, span));
-        let mut children: Vec<_> = spans
-            .iter()
-            .filter(|c| c.parent_span_id == span.span_id)
-            .collect();
-        children.sort_by_key(|c| std::cmp::Reverse(c.start_ns));
-        stack.extend(children.into_iter().map(|c| (c, depth + 1)));
-    }
+    let mut rows = tree(spans);
     let trace_rows = rows.len();
     rows.extend(linked.iter().map(|s| (0, s)));
     let height = 60.0 + row * (rows.len() as f64 + 1.0);
