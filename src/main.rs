@@ -5,6 +5,12 @@ use std::process::ExitCode;
 use clap::FromArgMatches as _;
 use ensure_user::cli::Cli;
 
+/// mimalloc instead of glibc's malloc: a request's allocations are made on one worker
+/// thread and often freed on another (a span on the export thread, a batch's rows on the
+/// SQLite writer), which glibc serialises on its arena locks. Measured in bench/run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // A .env in the working folder is read when present; the real environment wins. Only
     // that folder: `dotenvy::dotenv()` would also take one from any parent folder, settings
