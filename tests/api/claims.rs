@@ -525,3 +525,71 @@ async fn a_taken_over_entry_whose_command_went_out_is_not_published_again() {
     assert!(app.queue.entries(stream).await.is_empty());
     app.shutdown().await.unwrap();
 }
+
+/// A batch larger than the finish script's chunk (1,000 ids per XACK, XDEL and HDEL):
+/// every entry is acknowledged and deleted, and every failure history is forgotten.
+#[tokio::test]
+async fn a_batch_of_2500_is_finished_whole_and_its_failure_history_forgotten() {
+    let app = spawn_app().await;
+    let ctx = app.worker_context();
+    let stream = "stream:big-batch";
+    app.queue.create_group(stream).await;
+    let mut conn = app.queue.conn().await;
+    let mut pipe = redis::pipe();
+    for i in 0..2500 {
+        pipe.cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg(&[
+                ("request_id", format!("r{i}")),
+                ("user_id", format!("big-{i}")),
+                ("email", format!("big-{i}@example.com")),
+                ("reply_to", String::new()),
+                ("enqueued_at", now_millis().to_string()),
+            ])
+            .ignore();
+    }
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+    let entries = app.queue.read_as(stream, "big").await;
+    assert_eq!(entries.len(), 2500);
+    // Every entry failed before, so every one has a failure history to forget.
+    let mut history = redis::pipe();
+    for e in &entries {
+        history
+            .cmd("HSET")
+            .arg(format!("{stream}:failures"))
+            .arg(format!("{}:first", e.id))
+            .arg(1)
+            .arg(format!("{}:last", e.id))
+            .arg("1 store: earlier")
+            .ignore();
+    }
+    let _: () = history.query_async(&mut conn).await.unwrap();
+
+    let ids = entries.iter().map(|e| e.id.clone()).collect();
+    let lease = Lease::new(stream, "ensure-workers", "big", ids);
+    let report = ctx.try_process_batch(&lease, entries).await.unwrap();
+
+    assert_eq!((report.done, report.dead), (2500, 0));
+    assert!(app.queue.entries(stream).await.is_empty(), "all deleted");
+    let (pending, history): (redis::Value, u64) = redis::pipe()
+        .cmd("XPENDING")
+        .arg(stream)
+        .arg("ensure-workers")
+        .cmd("HLEN")
+        .arg(format!("{stream}:failures"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let pending_count = match &pending {
+        redis::Value::Array(summary) => summary.first().cloned(),
+        _ => None,
+    };
+    assert_eq!(
+        pending_count,
+        Some(redis::Value::Int(0)),
+        "all acknowledged: {pending:?}"
+    );
+    assert_eq!(history, 0, "every failure history forgotten");
+    app.shutdown().await.unwrap();
+}
