@@ -75,10 +75,6 @@ impl Tracing {
         })
     }
 
-    pub fn is_on(&self) -> bool {
-        self.live.is_some()
-    }
-
     /// Sends what is queued and stops the exporter. Blocks (at most a few seconds): call it
     /// off the async threads.
     pub fn shutdown(&self) {
@@ -258,14 +254,6 @@ impl TraceSpan {
             None => tracing::Span::none(),
         }
     }
-}
-
-/// The trace and span ids of a live span, as lowercase hex (for tests and logs).
-pub fn ids_of(span: &TraceSpan) -> Option<(String, String)> {
-    let cx = span.context()?;
-    let span = cx.span();
-    let ids = span.span_context();
-    Some((ids.trace_id().to_string(), ids.span_id().to_string()))
 }
 
 /// A user id as traces show it: the first 16 hex digits of its SHA-256, so a trace can be

@@ -18,6 +18,14 @@ fn headers(pairs: &[(&str, &str)]) -> hyper::HeaderMap {
         .collect()
 }
 
+/// The trace and span ids of a live span, as lowercase hex .
+fn ids_of(span: &TraceSpan) -> Option<(String, String)> {
+    let cx = span.context()?;
+    let span = cx.span();
+    let ids = span.span_context();
+    Some((ids.trace_id().to_string(), ids.span_id().to_string()))
+}
+
 const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 #[test]
