@@ -191,8 +191,30 @@ impl Drop for Waiting {
     }
 }
 
+const OUTCOMES: [&str; 8] = [
+    "done",
+    "timeout",
+    "queued",
+    "dead",
+    "refused",
+    "backlog",
+    "unavailable",
+    "other",
+];
+
 fn answer(trace: &TraceSpan, outcome: &'static str) {
-    metrics::counter!(telemetry::ANSWERS, "outcome" => outcome).increment(1);
+    static ANSWERS: telemetry::Handles<metrics::Counter, { OUTCOMES.len() }> =
+        telemetry::Handles::new();
+    let i = OUTCOMES
+        .iter()
+        .position(|o| *o == outcome)
+        .unwrap_or(OUTCOMES.len() - 1);
+    ANSWERS
+        .get(
+            i,
+            || metrics::counter!(telemetry::ANSWERS, "outcome" => OUTCOMES[i]),
+        )
+        .increment(1);
     trace.set(|| vec![Attribute::new("ensure_user.outcome", outcome)]);
     if matches!(outcome, "done" | "timeout" | "queued" | "dead") {
         crate::telemetry::rates::record(crate::telemetry::rates::Event::Accepted, 1);

@@ -593,3 +593,70 @@ async fn a_batch_of_2500_is_finished_whole_and_its_failure_history_forgotten() {
     assert_eq!(history, 0, "every failure history forgotten");
     app.shutdown().await.unwrap();
 }
+
+/// The finish script checks ownership with one XPENDING over the batch's id range, whose
+/// reply is capped near the batch's size. A consumer that holds many more entries in that
+/// range (here 200, finishing only the lowest, the highest and one another consumer took)
+/// must still finish exactly the ones it owns: the cut-off reply falls back to per-entry
+/// checks.
+#[tokio::test]
+async fn a_batch_among_many_pending_entries_finishes_exactly_those_it_owns() {
+    let app = spawn_app().await;
+    let ctx = app.worker_context();
+    let stream = "stream:wide-range";
+    app.queue.create_group(stream).await;
+    for i in 0..200 {
+        app.queue
+            .add_request(stream, &format!("wide-{i}"), &format!("wide-user-{i}"))
+            .await;
+    }
+    let entries = app.queue.read_as(stream, "a").await;
+    assert_eq!(entries.len(), 200);
+    let mut conn = app.queue.conn().await;
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(stream)
+        .arg("ensure-workers")
+        .arg("b")
+        .arg(0)
+        .arg(&entries[150].id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let batch = vec![
+        entries[0].clone(),
+        entries[150].clone(),
+        entries[199].clone(),
+    ];
+    let ids = batch.iter().map(|e| e.id.clone()).collect();
+    let lease = Lease::new(stream, "ensure-workers", "a", ids);
+    let report = ctx.try_process_batch(&lease, batch).await.unwrap();
+
+    assert_eq!((report.done, report.dead), (2, 0), "the lowest and the highest");
+    let left: Vec<String> = app
+        .queue
+        .entries(stream)
+        .await
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(left.len(), 198);
+    assert!(!left.contains(&entries[0].id) && !left.contains(&entries[199].id));
+    assert!(left.contains(&entries[150].id), "b's entry is b's to finish");
+    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg("ensure-workers")
+        .arg("-")
+        .arg("+")
+        .arg(1000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 198);
+    assert_eq!(
+        pending.iter().filter(|p| p.1 == "b").count(),
+        1,
+        "b still owns its entry"
+    );
+    app.shutdown().await.unwrap();
+}
