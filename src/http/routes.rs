@@ -230,6 +230,12 @@ pub(super) async fn discard_body(mut body: Incoming, limit: Duration) -> Result<
         }
         Ok(())
     };
+    // A small body (the web client's `{}`) has usually arrived with the head: read it
+    // without arming a timer, which only a body still on its way needs.
+    let mut read = std::pin::pin!(read);
+    if let std::task::Poll::Ready(result) = futures_util::poll!(read.as_mut()) {
+        return result;
+    }
     tokio::time::timeout(limit, read)
         .await
         .map_err(|_| ApiError::BodyTimeout)?
