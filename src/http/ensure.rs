@@ -205,10 +205,7 @@ const OUTCOMES: [&str; 8] = [
 fn answer(trace: &TraceSpan, outcome: &'static str) {
     static ANSWERS: telemetry::Handles<metrics::Counter, { OUTCOMES.len() }> =
         telemetry::Handles::new();
-    let i = OUTCOMES
-        .iter()
-        .position(|o| *o == outcome)
-        .unwrap_or(OUTCOMES.len() - 1);
+    let i = telemetry::label_slot(&OUTCOMES, outcome);
     ANSWERS
         .get(
             i,

@@ -104,15 +104,8 @@ fn record_answer(route: &'static str, status: StatusCode, took: Duration) {
         telemetry::Handles::new();
     static DURATIONS: telemetry::Handles<metrics::Histogram, { ROUTES.len() }> =
         telemetry::Handles::new();
-    let r = ROUTES
-        .iter()
-        .position(|r| *r == route)
-        .unwrap_or(ROUTES.len() - 1);
-    let label = status_label(status);
-    let s = STATUSES
-        .iter()
-        .position(|s| *s == label)
-        .unwrap_or(STATUSES.len() - 1);
+    let r = telemetry::label_slot(&ROUTES, route);
+    let s = telemetry::label_slot(&STATUSES, status_label(status));
     REQUESTS
         .get(r * STATUSES.len() + s, || {
             metrics::counter!(telemetry::HTTP_REQUESTS, "route" => ROUTES[r], "status" => STATUSES[s])

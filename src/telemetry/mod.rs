@@ -71,6 +71,15 @@ impl<T, const N: usize> Handles<T, N> {
     }
 }
 
+/// The slot of `value` among a metric's known label values, whose last one is the
+/// catch-all (`"other"`): where a value not in the list is counted.
+pub fn label_slot(values: &[&str], value: &str) -> usize {
+    values
+        .iter()
+        .position(|v| *v == value)
+        .unwrap_or(values.len().saturating_sub(1))
+}
+
 impl<T, const N: usize> Default for Handles<T, N> {
     fn default() -> Self {
         Self::new()

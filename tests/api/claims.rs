@@ -121,15 +121,8 @@ async fn a_finisher_that_lost_its_entry_writes_no_status_outcome_or_dead_letter(
     let entries = app.queue.read_as(stream, "a").await;
     assert_eq!(entries.len(), 2);
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-    let _: redis::Value = redis::cmd("XCLAIM")
-        .arg(stream)
-        .arg("ensure-workers")
-        .arg("b")
-        .arg(0)
-        .arg(&ids)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let taken: Vec<&str> = ids.iter().map(String::as_str).collect();
+    app.queue.claim_as(stream, "b", &taken).await;
     let record_key = StatusKeys::record_key(stream, "stale-request");
     let dead_record =
         r#"{"requestId":"stale-request","state":"dead","reason":"by b","owner":"stale"}"#;
@@ -488,7 +481,6 @@ async fn a_taken_over_entry_whose_command_went_out_is_not_published_again() {
     let ctx = app.worker_context();
     let stream = "stream:taken-over";
     app.queue.create_group(stream).await;
-    let mut conn = app.queue.conn().await;
     app.queue.add_request(stream, "r-orphan", "orphan").await;
     // A consumer read it, published its createUser, and died before acknowledging.
     app.queue.read_as(stream, "dead").await;
@@ -502,16 +494,8 @@ async fn a_taken_over_entry_whose_command_went_out_is_not_published_again() {
         .await
         .unwrap();
     // Another takes it over (a second delivery) and carries it out.
-    let claimed: redis::Value = redis::cmd("XCLAIM")
-        .arg(stream)
-        .arg("ensure-workers")
-        .arg("a")
-        .arg(0)
-        .arg(app.queue.entries(stream).await[0].id.clone())
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let mut entries = ensure_user::connection::parse_entries(&claimed);
+    let orphan = app.queue.entries(stream).await[0].id.clone();
+    let mut entries = app.queue.claim_as(stream, "a", &[&orphan]).await;
     entries[0].deliveries = 2;
     let lease = Lease::new(stream, "ensure-workers", "a", vec![entries[0].id.clone()]);
     let report = ctx.try_process_batch(&lease, entries).await.unwrap();
@@ -612,16 +596,7 @@ async fn a_batch_among_many_pending_entries_finishes_exactly_those_it_owns() {
     }
     let entries = app.queue.read_as(stream, "a").await;
     assert_eq!(entries.len(), 200);
-    let mut conn = app.queue.conn().await;
-    let _: redis::Value = redis::cmd("XCLAIM")
-        .arg(stream)
-        .arg("ensure-workers")
-        .arg("b")
-        .arg(0)
-        .arg(&entries[150].id)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    app.queue.claim_as(stream, "b", &[&entries[150].id]).await;
 
     let batch = vec![
         entries[0].clone(),
@@ -632,7 +607,11 @@ async fn a_batch_among_many_pending_entries_finishes_exactly_those_it_owns() {
     let lease = Lease::new(stream, "ensure-workers", "a", ids);
     let report = ctx.try_process_batch(&lease, batch).await.unwrap();
 
-    assert_eq!((report.done, report.dead), (2, 0), "the lowest and the highest");
+    assert_eq!(
+        (report.done, report.dead),
+        (2, 0),
+        "the lowest and the highest"
+    );
     let left: Vec<String> = app
         .queue
         .entries(stream)
@@ -642,14 +621,17 @@ async fn a_batch_among_many_pending_entries_finishes_exactly_those_it_owns() {
         .collect();
     assert_eq!(left.len(), 198);
     assert!(!left.contains(&entries[0].id) && !left.contains(&entries[199].id));
-    assert!(left.contains(&entries[150].id), "b's entry is b's to finish");
+    assert!(
+        left.contains(&entries[150].id),
+        "b's entry is b's to finish"
+    );
     let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
         .arg(stream)
         .arg("ensure-workers")
         .arg("-")
         .arg("+")
         .arg(1000)
-        .query_async(&mut conn)
+        .query_async(&mut app.queue.conn().await)
         .await
         .unwrap();
     assert_eq!(pending.len(), 198);

@@ -238,15 +238,7 @@ async fn an_entry_delivered_too_often_is_dead_lettered_with_its_history() {
         .await;
     queue.read_as("stream:ensure-user", "ghost").await;
     for _ in 0..3 {
-        let _: redis::Value = redis::cmd("XCLAIM")
-            .arg("stream:ensure-user")
-            .arg("ensure-workers")
-            .arg("ghost")
-            .arg(0)
-            .arg(&id)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        queue.claim_as("stream:ensure-user", "ghost", &[&id]).await;
     }
     let _: () = redis::cmd("HSET")
         .arg("stream:ensure-user:failures")

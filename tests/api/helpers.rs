@@ -242,6 +242,22 @@ impl RedisServer {
         ensure_user::connection::parse_read_reply(&read)
     }
 
+    /// Hands entries of `stream` to the group's consumer `consumer` (`XCLAIM … 0`), as a
+    /// consumer taking over stalled entries does (each claim is one more delivery), and
+    /// returns the entries claimed.
+    pub async fn claim_as(&self, stream: &str, consumer: &str, ids: &[&str]) -> Vec<RawEntry> {
+        let claimed: redis::Value = redis::cmd("XCLAIM")
+            .arg(stream)
+            .arg("ensure-workers")
+            .arg(consumer)
+            .arg(0)
+            .arg(ids)
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap();
+        ensure_user::connection::parse_entries(&claimed)
+    }
+
     /// Every entry of a stream, oldest first.
     pub async fn entries(&self, stream: &str) -> Vec<RawEntry> {
         stream_entries(&mut self.conn().await, stream).await
