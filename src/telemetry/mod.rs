@@ -317,4 +317,22 @@ mod tests {
         assert!(!use_colour(false, None));
         assert!(!use_colour(false, Some(OsStr::new("1"))));
     }
+
+    /// A known label value has its own slot; any other is counted under the catch-all,
+    /// never out of bounds; each slot's handle is made once.
+    #[test]
+    fn label_values_find_their_slot_and_handles_are_made_once() {
+        let values = ["200", "404", "other"];
+        assert_eq!(label_slot(&values, "404"), 1);
+        assert_eq!(label_slot(&values, "418"), 2);
+        let handles: Handles<u32, 3> = Handles::new();
+        let mut made = 0;
+        for _ in 0..3 {
+            handles.get(1, || {
+                made += 1;
+                7
+            });
+        }
+        assert_eq!((made, *handles.get(1, || 0)), (1, 7));
+    }
 }

@@ -154,7 +154,31 @@ async fn a_client_too_slow_with_its_headers_is_disconnected() {
 #[tokio::test]
 async fn metrics_are_served_on_their_own_port() {
     let app = spawn_app().await;
+    // The recorder is the process's, shared with the tests running beside this one: each
+    // series is checked to have grown by at least this test's own answers.
+    let series = [
+        r#"ensure_user_http_requests_total{route="ensure",status="200"}"#,
+        r#"ensure_user_http_requests_total{route="ensure",status="401"}"#,
+        r#"ensure_user_http_request_duration_seconds_count{route="ensure"}"#,
+        r#"ensure_user_answers_total{outcome="done"}"#,
+        r#"ensure_user_answers_total{outcome="refused"}"#,
+    ];
+    let mut before = Vec::new();
+    for name in series {
+        before.push(metric_at(app.metrics_address, name).await);
+    }
     assert_eq!(app.ensure(&token("m", "m@example.com")).await.status(), 200);
+    let unauthenticated = app
+        .client
+        .post(format!("http://{}/api/v1/auth/ensure-user", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthenticated.status(), 401);
+    for ((name, was), grown_by) in series.iter().zip(before).zip([1.0, 1.0, 2.0, 1.0, 1.0]) {
+        let now = metric_at(app.metrics_address, name).await;
+        assert!(now >= was + grown_by, "{name}: {was} then {now}");
+    }
     let text = text_of(
         app.client
             .get(format!("http://{}/metrics", app.metrics_address)),
