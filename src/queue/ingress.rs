@@ -139,11 +139,17 @@ impl Ingress {
         }
     }
 
-    /// What `/readyz` says of the queue: the primary Sentinel named, and how many replicas
-    /// confirmed the last entry (both `None` for a plain queue).
+    /// What `/readyz` says of the queue: the primary that took the last entry (with
+    /// `QUEUE_MIN_REPLICAS`, whose pool carries the entries) or else the one this
+    /// listener's connection uses, and how many replicas confirmed the last entry (both
+    /// `None` for a plain queue).
     pub fn replication_view(&self) -> QueueView {
         QueueView {
-            queue_primary: self.conn.primary_address(),
+            queue_primary: self
+                .replication
+                .as_ref()
+                .and_then(|r| r.last_primary.lock().ok()?.clone())
+                .or_else(|| self.conn.primary_address()),
             replicas_confirming: self
                 .replication
                 .as_ref()
@@ -202,6 +208,9 @@ impl Ingress {
                 Ok(result) => result?,
                 Err(_) => return Err(EnqueueError::Timeout(limit)),
             };
+        if let Ok(mut last) = replication.last_primary.lock() {
+            *last = conn.primary_address();
+        }
         metrics::gauge!(crate::telemetry::QUEUE_REPLICAS_CONFIRMING).set(confirmed as f64);
         replication
             .last_confirmed

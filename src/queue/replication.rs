@@ -31,6 +31,9 @@ pub struct Replication {
     next: std::sync::atomic::AtomicUsize,
     /// WAIT's last answer; -1 before the first.
     pub(super) last_confirmed: std::sync::atomic::AtomicI64,
+    /// The primary that took the last entry: entries go through this pool, so the
+    /// listener's own connection may not have noticed a failover yet.
+    pub(super) last_primary: std::sync::Mutex<Option<String>>,
 }
 
 /// Connections the listener's confirmed XADDs share.
@@ -64,6 +67,7 @@ impl Replication {
             conns,
             next: Default::default(),
             last_confirmed: std::sync::atomic::AtomicI64::new(-1),
+            last_primary: std::sync::Mutex::new(None),
         }
     }
 
