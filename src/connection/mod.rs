@@ -214,8 +214,15 @@ impl RawEntry {
 
     /// The millisecond part of the entry id: when the queue's Redis stored it.
     pub fn id_millis(&self) -> Option<u64> {
-        self.id.split_once('-')?.0.parse().ok()
+        entry_id_numbers(&self.id).map(|(ms, _)| ms)
     }
+}
+
+/// A stream entry id's two numbers (`<ms>-<seq>`), in the order Redis keeps entries;
+/// `None` for any other shape (Redis never writes one).
+pub fn entry_id_numbers(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 fn bytes_of(value: &Value) -> Option<Vec<u8>> {

@@ -14,7 +14,7 @@
 use std::collections::HashSet;
 use std::sync::{LazyLock, Mutex};
 
-use crate::connection::RedisConn;
+use crate::connection::{entry_id_numbers, RedisConn};
 
 /// Refreshes the idle time of the given entries that `consumer` still owns; returns those.
 const REFRESH: &str = r#"
@@ -219,10 +219,8 @@ pub async fn finish(
 ) -> redis::RedisResult<HashSet<String>> {
     static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(FINISH));
     let ids = || endings.iter().map(|e| e.entry_id);
-    let (Some(lowest), Some(highest)) = (
-        ids().min_by_key(|id| entry_order(id)),
-        ids().max_by_key(|id| entry_order(id)),
-    ) else {
+    let order = |id: &&str| entry_id_numbers(id).unwrap_or_default();
+    let (Some(lowest), Some(highest)) = (ids().min_by_key(order), ids().max_by_key(order)) else {
         return Ok(HashSet::new());
     };
     let mut invocation = SCRIPT.key(&lease.stream);
@@ -255,11 +253,4 @@ pub async fn finish(
         .filter(|id| !lost.contains(*id))
         .map(str::to_string)
         .collect())
-}
-
-/// A stream entry id (`<ms>-<seq>`) as numbers, for ordering; an id of another shape
-/// (never written by Redis) sorts first.
-fn entry_order(id: &str) -> (u64, u64) {
-    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
